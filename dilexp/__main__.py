@@ -1,0 +1,3 @@
+from dilexp.main import main
+
+main()

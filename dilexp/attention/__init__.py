@@ -1,0 +1,13 @@
+"""Attention variants behind one interface and a registry from names to builders."""
+
+# Importing a variant's module registers it.
+from dilexp.attention import (
+    dilated,  # noqa: E402,F401
+    improved,  # noqa: E402,F401
+    ring,  # noqa: E402,F401
+    sdpa,  # noqa: E402,F401,I001
+)
+from dilexp.attention.base import Attention
+from dilexp.attention.registry import available, build, register
+
+__all__ = ["Attention", "available", "build", "register"]

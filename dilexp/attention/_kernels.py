@@ -1,0 +1,89 @@
+"""Helpers shared by the dilated variants: validation, head selection, log-sum-exp merging."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dilexp.errors import ConfigError
+from dilexp.patterns.dilated import DilatedPattern
+
+
+def check_dims(num_heads: object, head_dim: object) -> None:
+    """Reject head counts / sizes before ``Attention.__init__`` silently truncates them with int()."""
+    for field, value in (("model.n_head", num_heads), ("model.head_dim", head_dim)):
+        # bool is an int subclass; True heads is a typo, not a setting.
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(field, value, "must be an integer >= 1")
+
+
+def build_pattern(
+    num_heads: int,
+    segment_lengths: Sequence[int],
+    dilation_rates: Sequence[int],
+    offsets: str,
+    heads: str,
+) -> DilatedPattern:
+    """Validated pattern for ``num_heads`` heads; every ConfigError names the field to fix."""
+    pattern = DilatedPattern.from_config(segment_lengths, dilation_rates, offsets, heads)
+    pattern.check_heads(num_heads)
+    return pattern
+
+
+def heads_index(heads: Sequence[int]) -> slice | list[int]:
+    """A slice when the heads form an arithmetic progression, so selecting them is a view.
+
+    Every layout of the dilated pattern gives such heads (a contiguous group, or the heads
+    of a group / of all heads with one offset, i.e. step r); the list is a safety net.
+    """
+    hs = list(heads)
+    if len(hs) == 1:
+        return slice(hs[0], hs[0] + 1)
+    step = hs[1] - hs[0]
+    if step > 0 and all(b - a == step for a, b in zip(hs, hs[1:], strict=False)):
+        return slice(hs[0], hs[-1] + 1, step)
+    return hs
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Log-sum-exps are merged in at least fp32: bf16 weights would cost more error than the kernel."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lse_floor(dtype: torch.dtype) -> float:
+    """A finite stand-in for log(0).
+
+    With -inf, a position no pair selects makes the merge compute -inf - (-inf) = nan in
+    the backward pass even where the forward masks it. A huge finite floor keeps every
+    gradient finite and still gives such positions weight exp(floor - real) = 0.
+    """
+    return torch.finfo(dtype).min / 4
+
+
+def explicit_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor | None,
+    causal: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention that also returns the log-sum-exp of each row.
+
+    q, k, v: (..., L, D); ``allowed`` broadcasts to (..., L, L) or is None. Every row must
+    keep at least one key (callers guarantee it), so no row normalises by zero.
+    Returns out (..., L, D) in q's dtype and lse (..., L) in ``lse_dtype``.
+    """
+    acc = lse_dtype(q.dtype)
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)) * scale
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if causal:
+        n = scores.shape[-1]
+        upper = torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1)
+        scores = scores.masked_fill(upper, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.unsqueeze(-1))
+    out = torch.matmul(probs, v.to(acc)).to(q.dtype)
+    return out, lse

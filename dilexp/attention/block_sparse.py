@@ -1,0 +1,98 @@
+"""``block_sparse``: attention computed only on the visited (query block, key block) pairs.
+
+Each query block gathers the key/value blocks its row of the layout names and runs one
+SDPA call per bucket of rows (rows grouped by how many blocks they need, see
+``dilexp.patterns.block_sparse.build_plan``); nothing of size N x N is ever built. The
+plan (gather indices and token masks) comes from the pattern cache.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dilexp.attention._kernels import check_dims
+from dilexp.attention.base import Attention
+from dilexp.attention.registry import register
+from dilexp.cache.base import PatternCache
+from dilexp.memory.base import MemoryPool
+from dilexp.patterns.block_sparse import BlockPlan, BlockSparsePattern
+
+
+@register("block_sparse")
+class BlockSparseAttention(Attention):
+    """Local window + dilated + global blocks; see ``BlockSparsePattern`` for the semantics."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        cache: PatternCache | None = None,
+        pool: MemoryPool | None = None,
+        block_size: int = 64,
+        local_blocks: int = 1,
+        dilation: int = 2,
+        global_blocks: int = 1,
+        sparsity: float | None = None,
+    ) -> None:
+        check_dims(num_heads, head_dim)
+        self.pattern = BlockSparsePattern.from_config(block_size, local_blocks, dilation, global_blocks, sparsity)
+        super().__init__(num_heads, head_dim, cache=cache, pool=pool)
+
+    def _key(self, n: int, causal: bool) -> tuple:
+        p = self.pattern
+        # The resolved stride, not `sparsity`, is what the plan depends on.
+        return ("block_sparse", n, p.block_size, p.local_blocks, p.resolved_dilation(n), p.global_blocks, causal)
+
+    def plan(self, n: int, causal: bool, device: torch.device | str) -> BlockPlan:
+        """The cached gather plan for length ``n`` on ``device``."""
+        return self.cache.get_or_build(self._key(n, causal), lambda: self.pattern.plan(n, causal), device)
+
+    def prepare(self, n: int, device: torch.device | str) -> None:
+        # Training and evaluation may use either mask, so both plans are pre-built.
+        for causal in (False, True):
+            self.plan(n, causal, device)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        self._check_input(q, k, v)
+        b, n, h, d = q.shape
+        bs = self.pattern.block_size
+        nb = self.pattern.num_blocks(n)
+        inverse, buckets = self.plan(n, causal, q.device)
+
+        # Token-major blocks (nb, bs, B*H, D): the CPU flash kernel works in (batch, L, heads, D)
+        # memory order, so with query blocks as its batch and B*H as its heads the gathered
+        # tensors go in, and their gradients come out, without a layout copy; the mask
+        # (R, 1, bs, K*bs) broadcasts over B*H. For B = 1 even the input permute is free.
+        def blocks(t: torch.Tensor) -> torch.Tensor:
+            t = t.permute(1, 0, 2, 3).reshape(n, b * h, d)
+            if nb * bs != n:
+                t = F.pad(t, (0, 0, 0, 0, 0, nb * bs - n))
+            return t.view(nb, bs, b * h, d)
+
+        qb, kb, vb = blocks(q), blocks(k), blocks(v)
+        outs = []
+        for rows, cols, mask in buckets:
+            r, width = cols.shape
+            flat = cols.reshape(-1)
+            # index_select's backward is an index_add, cheaper than advanced indexing's.
+            kg = kb.index_select(0, flat).view(r, width * bs, b * h, d).transpose(1, 2)
+            vg = vb.index_select(0, flat).view(r, width * bs, b * h, d).transpose(1, 2)
+            qg = qb.index_select(0, rows).transpose(1, 2)
+            m = None if mask is None else mask.unsqueeze(1)
+            outs.append(F.scaled_dot_product_attention(qg, kg, vg, attn_mask=m).transpose(1, 2))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        if inverse is not None:
+            out = out.index_select(0, inverse)
+        out = out.reshape(nb * bs, b, h, d)[:n]
+        return out.permute(1, 0, 2, 3).contiguous()
+
+    def dense_multiplicity(self, n: int) -> torch.Tensor:
+        return self.pattern.dense_multiplicity(n, self.num_heads)
+
+    def extra_repr(self) -> str:
+        p = self.pattern
+        return (
+            f"{super().extra_repr()}, block_size={p.block_size}, local_blocks={p.local_blocks}, "
+            f"dilation={p.dilation}, global_blocks={p.global_blocks}, sparsity={p.sparsity}"
+        )

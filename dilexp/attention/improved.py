@@ -1,0 +1,286 @@
+"""``improved``: the function of ``dilated``, computed without gathers or Python loops over segments.
+
+Every selected position set is a strided view. With S = N // w full segments, the
+positions a branch (w, r, o) selects in them are
+
+    x[:, :S*w].unflatten(1, (S, w))[:, :, o::r]      -> (B, S, c, H, D), c = ceil((w - o) / r)
+
+and those of the shorter last segment are x[:, S*w + o::r]. Both are views, whatever N,
+w and r are, and the heads of a branch are always an arithmetic progression (a group, or
+the heads of one offset: step r), so selecting them is a view too. Each piece is one
+fused SDPA call with the segments as its batch dimension and no mask: the selected slots
+are contiguous, so no padding exists and ``is_causal`` is exactly "causal in the
+subsequence". A branch therefore costs one call (two when N % w != 0: the ragged tail),
+and results are copied once, straight into the output buffer from the pool.
+
+``heads="all"`` needs every branch's log-sum-exp. On CPU the fused kernel returns it and a
+custom backward reuses the kernel's own backward with the *merged* output and
+log-sum-exp (the ring-attention identity), so the merge costs no extra attention pass.
+Elsewhere it falls back to explicit attention on the same views.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dilexp.attention._kernels import (
+    build_pattern,
+    check_dims,
+    explicit_attention,
+    heads_index,
+    lse_dtype,
+    lse_floor,
+)
+from dilexp.attention.base import Attention
+from dilexp.attention.registry import register
+from dilexp.cache.base import PatternCache
+from dilexp.memory.base import MemoryPool
+from dilexp.patterns.dilated import DilatedPattern
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Positions base + s*seg_len + offset + j*rate (s < num_seg, j < slots): one strided view."""
+
+    base: int
+    num_seg: int
+    seg_len: int
+    offset: int
+    rate: int
+    slots: int
+
+    def view(self, x: torch.Tensor, heads: slice) -> torch.Tensor:
+        """(B, N, H, ...) -> (B, num_seg, slots, Hb, ...) view of the selected positions."""
+        span = x[:, self.base : self.base + self.num_seg * self.seg_len]
+        stop = self.offset + (self.slots - 1) * self.rate + 1
+        return span.unflatten(1, (self.num_seg, self.seg_len))[:, :, self.offset : stop : self.rate, heads]
+
+
+@dataclass(frozen=True)
+class BranchPlan:
+    heads: slice
+    rate: int
+    pieces: tuple[Piece, ...]
+
+
+def plan_branches(pattern: DilatedPattern, n: int, num_heads: int) -> tuple[BranchPlan, ...]:
+    """Split every branch into its (at most two) strided pieces for a length-``n`` sequence."""
+    plans = []
+    for b in pattern.branches(num_heads):
+        w, r, o = b.segment_length, b.dilation_rate, b.offset
+        heads = heads_index(b.heads)
+        if not isinstance(heads, slice):  # the pattern's layouts always give a progression
+            raise RuntimeError(f"improved: heads {b.heads} of a branch are not a strided range")
+        pieces = []
+        full = n // w
+        if full and o < w:
+            pieces.append(Piece(0, full, w, o, r, -(-(w - o) // r)))
+        tail = n - full * w
+        if tail > o:
+            pieces.append(Piece(full * w, 1, tail, o, r, -(-(tail - o) // r)))
+        plans.append(BranchPlan(heads, r, tuple(pieces)))
+    return tuple(plans)
+
+
+def _to_kernel(x: torch.Tensor) -> torch.Tensor:
+    """(B, S, c, Hb, D) -> (B*S, Hb, c, D); a view unless B > 1 and a ragged tail splits the batch."""
+    return x.flatten(0, 1).transpose(1, 2)
+
+
+def _from_kernel(x: torch.Tensor, bsz: int) -> torch.Tensor:
+    """(B*S, Hb, c, ...) -> (B, S, c, Hb, ...), always a view."""
+    return x.transpose(1, 2).unflatten(0, (bsz, -1))
+
+
+def _cpu_flash_available() -> bool:
+    ops = torch.ops.aten
+    return hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
+        ops, "_scaled_dot_product_flash_attention_for_cpu_backward"
+    )
+
+
+_CPU_FLASH = _cpu_flash_available()
+_CPU_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+class _FlashCPU(torch.autograd.Function):
+    """All branches on CPU in one autograd node: fused kernels forward and backward.
+
+    One node instead of a chain of view/copy nodes matters: autograd would otherwise give
+    every branch a full-size zero gradient for q, k and v and sum them, which on CPU costs
+    about a third of the whole step (fresh pages for each buffer).
+
+    ``merge`` (heads="all"): branch outputs are merged in place by their log-sum-exps.
+    Backward then calls the kernel's backward with the *merged* output and log-sum-exp
+    instead of the piece's own. The kernel recomputes probabilities
+    exp(s - lse_merged) = weight * p_piece and the row term rowsum(dO * out_merged), which
+    is exactly the gradient through the softmax-of-lse merge (as in ring attention).
+    Without ``merge`` (heads="grouped") pieces never overlap, so results are copied, not
+    accumulated, and only heads with unselected positions are zero-filled.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        plans: tuple[BranchPlan, ...],
+        causal: bool,
+        scale: float,
+        merge: bool,
+        pool: MemoryPool,
+    ) -> torch.Tensor:
+        bsz, n, h, d = q.shape
+        acc = lse_dtype(q.dtype) if merge else q.dtype
+        out = pool.empty((bsz, n, h, d), acc, q.device)
+        lse = pool.empty((bsz, n, h), lse_dtype(q.dtype), q.device)
+        _zero_uncovered(out, plans, merge)
+        if merge:
+            lse.fill_(lse_floor(lse.dtype))
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        for plan in plans:
+            for p in plan.pieces:
+                qv, kv, vv = (_to_kernel(p.view(x, plan.heads)) for x in (q, k, v))
+                o_p, l_p = flash(qv, kv, vv, 0.0, causal, scale=scale)
+                o_p = _from_kernel(o_p, bsz)
+                l_p = _from_kernel(l_p.to(lse.dtype), bsz)
+                out_v, lse_v = p.view(out, plan.heads), p.view(lse, plan.heads)
+                if not merge:
+                    out_v.copy_(o_p)
+                    lse_v.copy_(l_p)
+                    continue
+                new = torch.logaddexp(lse_v, l_p)
+                out_v.mul_(torch.exp(lse_v - new).unsqueeze(-1))
+                out_v.add_(o_p.to(acc) * torch.exp(l_p - new).unsqueeze(-1))
+                lse_v.copy_(new)
+        result = out if acc == q.dtype else out.to(q.dtype)
+        if result is not out:
+            pool.release(out)
+        ctx.save_for_backward(q, k, v, result, lse)
+        ctx.plans, ctx.causal, ctx.scale, ctx.merge, ctx.pool = plans, causal, scale, merge, pool
+        return result
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, out, lse = ctx.saved_tensors
+        bsz = q.shape[0]
+        grads = [ctx.pool.empty(q.shape, q.dtype, q.device) for _ in range(3)]
+        for g in grads:
+            _zero_uncovered(g, ctx.plans, ctx.merge)
+        flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+        for plan in ctx.plans:
+            for p in plan.pieces:
+                qv, kv, vv, ov, gv = (_to_kernel(p.view(x, plan.heads)) for x in (q, k, v, out, grad))
+                # The kernel reads lse as one contiguous (B*S, Hb, c) block.
+                lv = p.view(lse, plan.heads).flatten(0, 1).transpose(1, 2).contiguous()
+                parts = flash_bwd(gv, qv, kv, vv, ov, lv, 0.0, ctx.causal, scale=ctx.scale)
+                for g_full, g_part in zip(grads, parts, strict=True):
+                    target = p.view(g_full, plan.heads)
+                    if ctx.merge:
+                        target.add_(_from_kernel(g_part, bsz))
+                    else:
+                        target.copy_(_from_kernel(g_part, bsz))
+        return grads[0], grads[1], grads[2], None, None, None, None, None
+
+
+def _zero_uncovered(x: torch.Tensor, plans: tuple[BranchPlan, ...], merge: bool) -> None:
+    """Zero what the pieces will not fully overwrite: all of it when they accumulate,
+    else only the heads of branches with r > 1 (a rate-1 branch writes every position)."""
+    if merge:
+        x.zero_()
+        return
+    for plan in plans:
+        if plan.rate > 1:
+            x[:, :, plan.heads].zero_()
+
+
+@register("improved")
+class ImprovedDilatedAttention(Attention):
+    """Dilated attention by strided views and one fused SDPA call per branch (plus a ragged tail)."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        offsets: str = "head",
+        heads: str = "grouped",
+        cache: PatternCache | None = None,
+        pool: MemoryPool | None = None,
+    ) -> None:
+        check_dims(num_heads, head_dim)
+        pattern = build_pattern(num_heads, segment_lengths, dilation_rates, offsets, heads)
+        super().__init__(num_heads, head_dim, cache=cache, pool=pool)
+        self.pattern = pattern
+        self.scale = 1.0 / math.sqrt(head_dim)
+        # Tests flip this to exercise the portable path on CPU.
+        self.use_cpu_flash = True
+
+    def _plans(self, n: int, device: torch.device | str) -> tuple[BranchPlan, ...]:
+        # The "pattern" here is a handful of slice bounds; going through the cache keeps
+        # hit/miss statistics comparable with the index-based variants.
+        p = self.pattern
+        key = ("improved_plan", n, self.num_heads, p.segment_lengths, p.dilation_rates, p.offsets, p.heads)
+        return self.cache.get_or_build(key, lambda: plan_branches(p, n, self.num_heads), device)
+
+    def prepare(self, n: int, device: torch.device | str) -> None:
+        self._plans(n, device)
+
+    def dense_multiplicity(self, n: int) -> torch.Tensor:
+        return self.pattern.dense_multiplicity(n, self.num_heads)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
+    ) -> torch.Tensor:
+        self._check_input(q, k, v)
+        plans = self._plans(q.shape[1], q.device)
+        merge = self.pattern.heads == "all"
+        if self.use_cpu_flash and _CPU_FLASH and q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES:
+            return _FlashCPU.apply(q, k, v, plans, causal, self.scale, merge, self.pool)
+        if merge:
+            return self._merged_portable(q, k, v, plans, causal)
+        return self._grouped(q, k, v, plans, causal)
+
+    def _grouped(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plans: tuple[BranchPlan, ...], causal: bool
+    ) -> torch.Tensor:
+        bsz = q.shape[0]
+        out = self.pool.empty(q.shape, q.dtype, q.device)
+        _zero_uncovered(out, plans, merge=False)
+        for plan in plans:
+            for p in plan.pieces:
+                qv, kv, vv = (_to_kernel(p.view(x, plan.heads)) for x in (q, k, v))
+                res = F.scaled_dot_product_attention(qv, kv, vv, is_causal=causal, scale=self.scale)
+                p.view(out, plan.heads).copy_(_from_kernel(res, bsz))
+        return out
+
+    def _merged_portable(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plans: tuple[BranchPlan, ...], causal: bool
+    ) -> torch.Tensor:
+        """heads="all" through autograd: explicit attention on the same views, online lse merge."""
+        bsz, n, h, d = q.shape
+        acc = lse_dtype(q.dtype)
+        out = self.pool.empty((bsz, n, h, d), acc, q.device).zero_()
+        lse = self.pool.empty((bsz, n, h), acc, q.device).fill_(lse_floor(acc))
+        for plan in plans:
+            for p in plan.pieces:
+                qv, kv, vv = (_to_kernel(p.view(x, plan.heads)) for x in (q, k, v))
+                o_p, l_p = explicit_attention(qv, kv, vv, None, causal, self.scale)
+                o_p, l_p = _from_kernel(o_p, bsz).to(acc), _from_kernel(l_p, bsz)
+                out_v, lse_v = p.view(out, plan.heads), p.view(lse, plan.heads)
+                # Clones: autograd needs the pre-merge values after the in-place update.
+                old_o, old_l = out_v.clone(), lse_v.clone()
+                new = torch.logaddexp(old_l, l_p)
+                merged = old_o * torch.exp(old_l - new).unsqueeze(-1) + o_p * torch.exp(l_p - new).unsqueeze(-1)
+                out_v.copy_(merged)
+                lse_v.copy_(new)
+        return out.to(q.dtype)

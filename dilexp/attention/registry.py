@@ -1,0 +1,41 @@
+"""Names -> builders. ``build("dilated", num_heads=8, head_dim=64, segment_lengths=[...], ...)``."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from dilexp.attention.base import Attention
+from dilexp.errors import ConfigError
+
+_REGISTRY: dict[str, type[Attention]] = {}
+
+
+def register(name: str) -> Callable[[type[Attention]], type[Attention]]:
+    def deco(cls: type[Attention]) -> type[Attention]:
+        if name in _REGISTRY:
+            raise RuntimeError(f"attention variant {name!r} registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def available() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def build(name: str, **cfg: Any) -> Attention:
+    """Build a variant by name; unknown settings fail naming ``attention.<key>``."""
+    if name not in _REGISTRY:
+        raise ConfigError("attention.name", name, f"unknown variant; choose one of {available()}")
+    cls = _REGISTRY[name]
+    params = inspect.signature(cls.__init__).parameters
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    if not takes_kwargs:
+        unknown = sorted(set(cfg) - set(params))
+        if unknown:
+            raise ConfigError(f"attention.{unknown[0]}", cfg[unknown[0]], f"not a setting of {name!r}")
+    return cls(**cfg)

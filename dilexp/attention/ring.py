@@ -1,0 +1,444 @@
+"""``ring_v2`` / ``ring_v3``: the dilated pattern (DESIGN section 3) computed by ring attention.
+
+Sharding. The sequence dimension is sharded over the *context-parallel group* (see
+``dilexp.distributed``): P ranks, layout by ``placement`` (``contiguous``: remainder to the
+lowest ranks; ``zigzag``: pieces r and 2P-1-r of 2P, for causal load balance). Each rank
+calls the module with its own shard, (B, N_local, H, D), for q, k and v alike; the output
+is that rank's shard of the result, and its gradients flow to that rank's q, k, v only.
+The module must know the global length N: call ``set_shard(N)`` once (e.g. in the
+LightningModule's setup), or pass ``seq_len=N`` to the constructor; without it every call
+all-gathers the local lengths to find N (one tiny collective per call).
+
+Which group: ``group=None`` uses the registered cp group (``init_context_parallel``) and,
+when none is registered (or P = 1), runs *single-process*: the same block loop over
+``chunks`` blocks of the local sequence (laid out by ``placement``), which bounds the peak
+memory of one call to one block pair's scores. ``group="world"`` uses the default group;
+a ProcessGroup object is used as given. The group is resolved at call time, because a
+Lightning model is built before its process group exists.
+
+The ring. At step t rank r holds the K/V of shard (r - t) mod P, computes every non-empty
+(query block, key block) pair against it, merging partial results by log-sum-exp, while
+the next shard is already on its way (``batch_isend_irecv``, posted before the compute).
+Block pairs the pattern leaves empty are skipped, and a shard only travels as far as the
+farthest rank that needs it: when every segment fits in a shard nothing is sent at all.
+With several processes ``chunks`` cuts each rank's shard into sub-blocks (memory bound).
+
+Backward is a custom autograd Function that runs the ring again: K/V travel as in the
+forward, each rank adds its share to the dK/dV of the shard it holds and passes the
+partial sum on; the last rank that needs a shard sends the finished dK/dV straight back
+to its owner. Exact (not autograd through the loop), so it works across processes.
+
+Failures: every transfer waits at most the group timeout (``init_process_group(timeout_s)``)
+and then raises ``RingCommError`` naming this rank and the peer it waited for.
+
+``ring_v2`` builds each block pattern on first use through the pattern cache (default
+``cpu``); ``ring_v3`` pre-generates all of them for a shape (``prepare``, inside the
+cache's ``pregenerating()`` when it has one) before its first call, default cache ``gpu``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.autograd.function import once_differentiable
+
+from dilexp.attention._kernels import build_pattern, check_dims
+from dilexp.attention._ring_comm import TAG_DKV, TAG_FINAL, TAG_KV, Pending, RingComm, RingCommError
+from dilexp.attention._ring_kernel import BlockPattern, acc_dtype, block_backward, block_forward
+from dilexp.attention._ring_plan import Layout, build_block_pattern, make_layout
+from dilexp.attention.base import Attention
+from dilexp.attention.registry import register
+from dilexp.cache.base import PatternCache
+from dilexp.distributed import (
+    check_placement,
+    check_shardable,
+    context_parallel_group,
+    group_rank_world,
+    ranges_len,
+    shard_bounds,
+    transfer_timeout_s,
+)
+from dilexp.errors import ConfigError
+from dilexp.memory.base import MemoryPool
+
+GroupSetting = Any  # None | "world" | dist.ProcessGroup
+
+
+class _Runner:
+    """One call's worth of state: layout, group, causal flag; runs forward and backward rings."""
+
+    def __init__(self, attn: RingDilatedAttention, layout: Layout, group: Any, causal: bool,
+                 device: torch.device) -> None:
+        self.attn = attn
+        self.layout = layout
+        self.causal = causal
+        self.device = device
+        self.comm = None
+        if layout.world > 1:
+            self.comm = RingComm(group, layout.rank, layout.world, attn.name, attn.timeout_s)
+
+    def pattern(self, j: int, a: int, b: int) -> BlockPattern:
+        lay = self.layout
+        return self.attn.block_pattern(lay.q_units[a], lay.kv_units[j][b], self.causal, self.device)
+
+    def _count(self, j: int) -> None:
+        total = self.layout.pairs_per_step(j)
+        self.attn._stats["steps"] += total
+        self.attn._stats["skipped_steps"] += total - len(self.layout.pairs[j])
+
+    def _kv_transfer(self, t: int, cur: torch.Tensor | None, like: torch.Tensor) -> tuple[Pending | None,
+                                                                                             torch.Tensor | None]:
+        """Post step t's K/V hop: pass on what this rank holds, receive what it holds at t + 1."""
+        lay, comm = self.layout, self.comm
+        assert comm is not None
+        j, nxt = (lay.rank - t) % lay.world, (lay.rank - t - 1) % lay.world
+        sends, recvs, buf = [], [], None
+        if cur is not None and t + 1 <= lay.maxdist[j]:
+            sends.append((cur, comm.next, TAG_KV))
+        if t + 1 <= lay.maxdist[nxt]:
+            shape = list(like.shape)
+            shape[2] = lay.shard_len(nxt)
+            buf = like.new_empty(shape)
+            recvs.append((buf, comm.prev, TAG_KV))
+        return comm.start(sends, recvs, f"K/V transfer at step {t}"), buf
+
+    # -- forward -----------------------------------------------------------------------
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lay, scale = self.layout, self.attn.scale
+        acc = acc_dtype(q.dtype)
+        bsz, n, h, d = q.shape
+        out = torch.zeros(bsz, n, h, d, dtype=acc, device=q.device)
+        lse = torch.full((bsz, n, h), float("-inf"), dtype=acc, device=q.device)
+        self.attn._stats["calls"] += 1
+        if lay.world == 1:
+            self._count(0)
+            for a, b in lay.pairs[0]:
+                block_forward(q, k, v, self.pattern(0, a, b), scale, out, lse)
+            return out.to(q.dtype), lse
+
+        assert self.comm is not None
+        kv = torch.stack([k, v]).contiguous()  # one message per hop instead of two
+        cur: torch.Tensor | None = kv
+        for t in range(lay.world):
+            j = (lay.rank - t) % lay.world
+            pending, buf = self._kv_transfer(t, cur, kv)
+            self._count(j)
+            if cur is not None:
+                for a, b in lay.pairs[j]:
+                    block_forward(q, cur[0], cur[1], self.pattern(j, a, b), scale, out, lse)
+            self.comm.wait(pending)
+            cur = buf
+        self.attn._stats["bytes_sent"] += self.comm.bytes_sent
+        self.comm.bytes_sent = 0
+        return out.to(q.dtype), lse
+
+    # -- backward ----------------------------------------------------------------------
+
+    def backward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+        dout: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        lay, scale = self.layout, self.attn.scale
+        acc = lse.dtype
+        delta = (dout.to(acc) * out.to(acc)).sum(-1)
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        if lay.world == 1:
+            dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+            dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+            for a, b in lay.pairs[0]:
+                block_backward(q, k, v, dout, lse, delta, self.pattern(0, a, b), scale, dq, dk, dv)
+            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+        comm = self.comm
+        assert comm is not None
+        r, world = lay.rank, lay.world
+        kv = torch.stack([k, v]).contiguous()
+        cur: torch.Tensor | None = kv
+        incoming: tuple[Pending | None, torch.Tensor] | None = None  # partial dK/dV of the next shard
+        final: tuple[Pending | None, torch.Tensor] | None = None  # this shard's finished dK/dV
+        own: torch.Tensor | None = None
+        outstanding: list[Pending | None] = []
+        for t in range(world):
+            j = (r - t) % world
+            kv_pending, buf = self._kv_transfer(t, cur, kv)
+            self._count(j)
+            dkv = None
+            if cur is not None:
+                dkv = torch.zeros((2, *cur.shape[1:]), dtype=acc, device=kv.device)
+                for a, b in lay.pairs[j]:
+                    block_backward(q, cur[0], cur[1], dout, lse, delta, self.pattern(j, a, b), scale,
+                                   dq, dkv[0], dkv[1])
+                if incoming is not None:  # what ranks before this one added to shard j
+                    comm.wait(incoming[0])
+                    dkv += incoming[1]
+                    incoming = None
+            # Pass the partial sum on, or home when this rank is the last that needs shard j.
+            sends, recvs = [], []
+            if dkv is not None:
+                if t + 1 <= lay.maxdist[j]:
+                    sends.append((dkv, comm.next, TAG_DKV))
+                elif t >= 1:
+                    sends.append((dkv, j, TAG_FINAL))
+                else:
+                    own = dkv
+            nxt = (r - t - 1) % world
+            nxt_buf = fin_buf = None
+            if t + 1 <= lay.maxdist[nxt]:
+                nxt_buf = torch.empty((2, kv.shape[1], lay.shard_len(nxt), *kv.shape[3:]), dtype=acc,
+                                      device=kv.device)
+                recvs.append((nxt_buf, comm.prev, TAG_DKV))
+            if lay.maxdist[r] >= 1 and t == lay.maxdist[r]:
+                fin_buf = torch.empty((2, *kv.shape[1:]), dtype=acc, device=kv.device)
+                recvs.append((fin_buf, (r + lay.maxdist[r]) % world, TAG_FINAL))
+            pending = comm.start(sends, recvs, f"dK/dV transfer at step {t}")
+            if nxt_buf is not None:
+                incoming = (pending, nxt_buf)
+            if fin_buf is not None:
+                final = (pending, fin_buf)
+            outstanding.append(pending)
+            comm.wait(kv_pending)
+            cur = buf
+        for p in outstanding:  # sends must finish before their buffers go away
+            comm.wait(p)
+        if final is not None:
+            own = final[1]
+        assert own is not None
+        self.attn._stats["bytes_sent"] += comm.bytes_sent
+        comm.bytes_sent = 0
+        return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype)
+
+
+class _RingFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runner: _Runner) -> torch.Tensor:
+        out, lse = runner.forward(q, k, v)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.runner = runner
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ctx.runner.backward(q, k, v, out, lse, dout.contiguous())
+        return dq, dk, dv, None
+
+
+class RingDilatedAttention(Attention):
+    """Shared implementation of ``ring_v2`` and ``ring_v3`` (see the module docstring)."""
+
+    default_cache = "cpu"
+    pregenerate = False
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        offsets: str = "head",
+        heads: str = "grouped",
+        chunks: int = 1,
+        placement: str = "contiguous",
+        group: GroupSetting = None,
+        cache: PatternCache | None = None,
+        pool: MemoryPool | None = None,
+        seq_len: int | None = None,
+        timeout_s: float | None = None,
+    ) -> None:
+        check_dims(num_heads, head_dim)
+        pattern = build_pattern(num_heads, segment_lengths, dilation_rates, offsets, heads)
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
+            raise ConfigError("attention.chunks", chunks, "must be an integer >= 1")
+        check_placement(placement)
+        if not (group is None or group == "world" or isinstance(group, dist.ProcessGroup)):
+            raise ConfigError("attention.group", group,
+                              "must be null (the registered context-parallel group), 'world' or a ProcessGroup")
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not float(timeout_s) > 0):
+            raise ConfigError("attention.timeout_s", timeout_s, "must be > 0 seconds")
+        if cache is None:
+            from dilexp.cache import build_cache
+
+            cache = build_cache(self.default_cache)
+        super().__init__(num_heads, head_dim, cache=cache, pool=pool)
+        self.pattern = pattern
+        self.branches = tuple(pattern.branches(num_heads))
+        self.chunks = chunks
+        self.placement = placement
+        self.group_setting = group
+        self._timeout_s = None if timeout_s is None else float(timeout_s)
+        self.scale = 1.0 / math.sqrt(head_dim)
+        self._sig = (pattern.segment_lengths, pattern.dilation_rates, pattern.offsets, pattern.heads, num_heads)
+        self._global_len: int | None = None
+        self._prepared: set[tuple[Any, ...]] = set()
+        self._stats = {"calls": 0, "steps": 0, "skipped_steps": 0, "bytes_sent": 0}
+        if seq_len is not None:
+            self.set_shard(seq_len)
+
+    # -- settings ----------------------------------------------------------------------
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout_s if self._timeout_s is not None else transfer_timeout_s()
+
+    def resolve_group(self) -> Any:
+        """The process group of this call, or None for single-process (resolved on every call)."""
+        g = self.group_setting
+        if g is None:
+            return context_parallel_group()
+        if g == "world":
+            return dist.group.WORLD if (dist.is_available() and dist.is_initialized()) else None
+        return g
+
+    def set_shard(self, global_len: int) -> None:
+        """Declare the global sequence length; later calls take their shard of it.
+
+        Validates against the current cp group's size when one exists (and again on every
+        call, since the group may only appear later).
+        """
+        if isinstance(global_len, bool) or not isinstance(global_len, int) or global_len < 1:
+            raise ConfigError("data.seq_len", global_len, "must be an integer >= 1")
+        _, world = group_rank_world(self.resolve_group())
+        check_shardable(global_len, world)
+        self._global_len = global_len
+
+    def _resolve_len(self, n_local: int, group: Any, rank: int, world: int, device: torch.device) -> int:
+        if world == 1:
+            return n_local
+        if self._global_len is not None:
+            n = self._global_len
+            check_shardable(n, world)
+            expect = ranges_len(shard_bounds(n, world, self.placement)[rank])
+            if n_local != expect:
+                raise ValueError(f"{self.name}: rank {rank} of {world} got {n_local} positions, but its "
+                                 f"{self.placement} shard of seq_len={n} has {expect}")
+            return n
+        # One tiny collective per call: every rank must agree on N before the ring starts.
+        sizes = torch.tensor([n_local], dtype=torch.int64, device=device)
+        gathered = [torch.zeros_like(sizes) for _ in range(world)]
+        dist.all_gather(gathered, sizes, group=group)
+        lengths = [int(s.item()) for s in gathered]
+        n = sum(lengths)
+        check_shardable(n, world)
+        expect = [ranges_len(rg) for rg in shard_bounds(n, world, self.placement)]
+        if lengths != expect:
+            raise ValueError(f"{self.name}: ranks hold {lengths} positions, but the {self.placement} "
+                             f"layout of seq_len={n} over {world} ranks is {expect} (rank {rank} here)")
+        return n
+
+    # -- patterns ----------------------------------------------------------------------
+
+    def block_pattern(self, q_unit: Any, k_unit: Any, causal: bool, device: torch.device | str) -> BlockPattern:
+        """The pattern of one (query block, key block) pair, through the cache."""
+        key = ("ring_block", self._sig, causal, q_unit, k_unit)
+        return self.cache.get_or_build(
+            key, lambda: build_block_pattern(self.branches, q_unit, k_unit, causal), device
+        )
+
+    def layout(self, n: int, causal: bool, group: Any = None) -> Layout:
+        rank, world = group_rank_world(group)
+        return make_layout(self.branches, n, world, rank, self.chunks, self.placement, causal)
+
+    def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
+        """Build every block pattern this rank uses for global length ``n`` (both causal flags by default)."""
+        group = self.resolve_group()
+        _, world = group_rank_world(group)
+        check_shardable(n, world)
+        flags = (False, True) if causal is None else (causal,)
+        ctx = getattr(self.cache, "pregenerating", None)
+        if self.pregenerate and ctx is not None:
+            with ctx():
+                self._build_all(n, device, flags, group)
+        else:
+            self._build_all(n, device, flags, group)
+
+    def _build_all(self, n: int, device: torch.device | str, flags: tuple[bool, ...], group: Any) -> None:
+        for c in flags:
+            lay = self.layout(n, c, group)
+            for j, pairs in enumerate(lay.pairs):
+                for a, b in pairs:
+                    self.block_pattern(lay.q_units[a], lay.kv_units[j][b], c, device)
+
+    def dense_multiplicity(self, n: int) -> torch.Tensor:
+        return self.pattern.dense_multiplicity(n, self.num_heads)
+
+    # -- stats -------------------------------------------------------------------------
+
+    def ring_stats(self) -> dict[str, float]:
+        """Counters since construction (forward and backward): log them as ``ring/<key>``.
+
+        steps: block pairs visited (per ring step: query blocks x key blocks of the shard
+        due at that step); skipped_steps: those with no allowed entry (no compute);
+        bytes_sent: bytes this rank sent (K/V and dK/dV); calls: forward calls.
+        """
+        return {k: float(v) for k, v in self._stats.items()}
+
+    def reset_ring_stats(self) -> None:
+        for k in self._stats:
+            self._stats[k] = 0
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, segments={list(self.pattern.segment_lengths)}, "
+                f"rates={list(self.pattern.dilation_rates)}, chunks={self.chunks}, placement={self.placement}")
+
+    # -- compute -----------------------------------------------------------------------
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+        """q, k, v: this rank's shard (B, N_local, H, D) (the whole sequence single-process)."""
+        self._check_input(q, k, v)
+        group = self.resolve_group()
+        rank, world = group_rank_world(group)
+        n = self._resolve_len(q.shape[1], group, rank, world, q.device)
+        if self.pregenerate:
+            key = (n, rank, world, q.device)
+            if key not in self._prepared:
+                self.prepare(n, q.device)
+                self._prepared.add(key)
+        lay = self.layout(n, bool(causal), group)
+        runner = _Runner(self, lay, group, bool(causal), q.device)
+        return _RingFunction.apply(q, k, v, runner)
+
+
+@register("ring_v2")
+class RingV2Attention(RingDilatedAttention):
+    """Ring dilated attention; patterns built on first use through the cache (default ``cpu``)."""
+
+    default_cache = "cpu"
+    pregenerate = False
+
+
+@register("ring_v3")
+class RingV3Attention(RingDilatedAttention):
+    """ring_v2 with every pattern of a shape pre-generated before the first call (default cache ``gpu``)."""
+
+    default_cache = "gpu"
+    pregenerate = True
+
+
+def configure_ring(module: torch.nn.Module, global_len: int) -> int:
+    """``set_shard(global_len)`` on every ring attention inside ``module``; returns how many."""
+    count = 0
+    for m in module.modules():
+        if isinstance(m, RingDilatedAttention):
+            m.set_shard(global_len)
+            count += 1
+    return count
+
+
+def ring_stats(module: torch.nn.Module) -> dict[str, float]:
+    """Summed ``ring_stats()`` of every ring attention inside ``module`` (empty when none)."""
+    out: dict[str, float] = {}
+    for m in module.modules():
+        if isinstance(m, RingDilatedAttention):
+            for key, val in m.ring_stats().items():
+                out[key] = out.get(key, 0.0) + val
+    return out
+
+
+__all__ = ["RingCommError", "RingDilatedAttention", "RingV2Attention", "RingV3Attention", "configure_ring",
+           "ring_stats"]

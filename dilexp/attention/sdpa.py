@@ -1,0 +1,40 @@
+"""``sdpa``: full attention through torch's fused kernel; the baseline (w = N, r = 1)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dilexp.attention._kernels import check_dims
+from dilexp.attention.base import Attention
+from dilexp.attention.registry import register
+from dilexp.cache.base import PatternCache
+from dilexp.memory.base import MemoryPool
+
+
+@register("sdpa")
+class SDPAttention(Attention):
+    """Every query sees every key (every earlier key when causal)."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        cache: PatternCache | None = None,
+        pool: MemoryPool | None = None,
+    ) -> None:
+        check_dims(num_heads, head_dim)
+        super().__init__(num_heads, head_dim, cache=cache, pool=pool)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
+    ) -> torch.Tensor:
+        self._check_input(q, k, v)
+        # SDPA wants heads before the sequence; transposes are views, the kernel takes the strides.
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+        )
+        return out.transpose(1, 2)
+
+    def dense_multiplicity(self, n: int) -> torch.Tensor:
+        return torch.ones(self.num_heads, n, n, dtype=torch.int64)

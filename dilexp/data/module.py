@@ -1,0 +1,49 @@
+"""The Lightning data module: wraps a train and a val dataset with their loaders."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from dilexp.data.recall import RecallDataset
+from dilexp.data.text import TextTokens, TokenWindows
+from dilexp.errors import ConfigError
+
+
+class DataModule(L.LightningDataModule):
+    def __init__(self, train: Dataset, val: Dataset, vocab_size: int, batch_size: int, num_workers: int = 0) -> None:
+        super().__init__()
+        self.train_set, self.val_set = train, val
+        self.vocab_size, self.batch_size, self.num_workers = vocab_size, batch_size, num_workers
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+
+
+def build_datamodule(data: Any, batch_size: int, seed: int) -> DataModule:
+    """From the `data` config node; every setting is checked here, before any training."""
+    if batch_size < 1:
+        raise ConfigError("task.batch_size", batch_size, "must be >= 1")
+    seq_len = int(data.seq_len)
+    if seq_len < 1:
+        raise ConfigError("data.seq_len", seq_len, "must be >= 1")
+    workers = int(data.get("num_workers", 0))
+    if data.name == "recall":
+        common = dict(seq_len=seq_len, vocab_size=int(data.vocab_size), num_pairs=int(data.num_pairs),
+                      num_queries=int(data.num_queries), seed=seed)
+        train = RecallDataset(num_samples=int(data.train_samples), split="train", **common)
+        val = RecallDataset(num_samples=int(data.val_samples), split="val", **common)
+        return DataModule(train, val, train.vocab_size, batch_size, workers)
+    if data.name == "text":
+        tokens = TextTokens(data.path, data.get("tokenizer", "byte"))
+        tr, va = tokens.split(float(data.val_fraction))
+        train = TokenWindows(tr, seq_len, int(data.train_samples), seed, split=0)
+        val = TokenWindows(va, seq_len, int(data.val_samples), seed, split=1)
+        return DataModule(train, val, tokens.vocab_size, batch_size, workers)
+    raise ConfigError("data.name", data.name, "choose 'recall' or 'text'")

@@ -1,0 +1,453 @@
+"""`bucketed`: reuse released buffers by size bucket, dtype, device (and CUDA stream, and
+inference mode).
+
+A request for ``shape`` is served from a buffer whose storage has the byte size of the
+request's bucket (sizes grow geometrically by ``growth``), as a contiguous tensor of
+``shape`` on that storage (not an autograd view of another tensor). A released tensor
+goes back as it is, so a request of the same shape gets it back without any torch call. Released buffers
+wait, idle, on a free list per (device, dtype, bucket, stream) until a request of the same
+key takes them; the idle bytes are capped by ``max_bytes`` (least recently released go
+first), and on CUDA they are all dropped when the device runs short of memory, since the
+caching allocator cannot reclaim memory that the pool holds.
+
+Who holds what:
+- An idle buffer is referenced only by the pool.
+- A handed-out buffer is referenced only by the caller; the pool keeps a weak reference.
+  A buffer the caller drops without ``release`` is freed as it would be without a pool
+  (counted as ``dropped``), so a forgotten release costs reuse, never memory.
+- ``release`` accepts the tensor ``empty`` returned or any view of it; it takes back only
+  a buffer it handed out and has not taken back yet, so a double release or a foreign
+  tensor is ignored (counted) and can never put one buffer on a free list twice.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import threading
+import weakref
+from collections import OrderedDict, deque
+from typing import Any, NamedTuple
+
+import torch
+
+from dilexp.errors import ConfigError
+from dilexp.memory.base import DeviceLike, MemoryPool, Shape, parse_bytes
+
+# The CUDA caching allocator rounds every block to 512 bytes, so finer buckets would not
+# save device memory, only split reuse.
+ALIGN = 512
+_LARGEST = 1 << 50
+_OOM: type[BaseException] = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+_PLAN_MEMO_MAX = 4096
+
+# (device, dtype, bucket index, CUDA stream id or 0, made in inference mode)
+FreeKey = tuple[torch.device, torch.dtype, int, int, bool]
+
+
+class _Plan(NamedTuple):
+    """Everything about a (shape, dtype, device) request that does not change between calls."""
+
+    strides: tuple[int, ...]
+    nbytes: int
+    cap_elems: int
+    cap_bytes: int
+    bucket: int
+    device: torch.device | None  # None: "cuda" with no index, resolved on every call
+    keys: tuple[FreeKey, FreeKey] | None  # (normal, inference mode); None on CUDA: stream read per call
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = []
+    step = 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+def _stream_id(dev: torch.device) -> int:
+    return torch.cuda.current_stream(dev).stream_id
+
+
+def _check_float(field: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(field, value, "expected a number") from None
+    ok = (x > low if low_open else x >= low) and x <= high
+    if not ok:
+        lo = "(" if low_open else "["
+        raise ConfigError(field, value, f"must be in {lo}{low}, {high}]")
+    return x
+
+
+class BucketedPool(MemoryPool):
+    """Size-bucketed reuse of released buffers, with a byte cap and cleanup under pressure.
+
+    Args:
+        max_bytes: cap on the idle bytes the pool holds, over all devices together (int or
+            a string like ``"1GiB"``; None for no cap). A release that would exceed it drops
+            the least recently released idle buffers; a single buffer larger than the cap
+            is never kept.
+        growth: ratio between neighbouring bucket sizes (2.0: power-of-two buckets, up to
+            half of a buffer unused; 1.25: at most a fifth unused, fewer cross-size matches).
+        min_bucket_bytes: size of the smallest bucket.
+        min_free_fraction, min_free_bytes: on CUDA, when the memory torch could still use
+            (driver free memory plus the caching allocator's unused reserve) falls below
+            max(min_free_bytes, min_free_fraction * total), every idle buffer of that device
+            is dropped. Devices without such a probe (CPU, meta) rely on ``max_bytes``.
+        check_every: requests between two pressure checks; the probe costs tens of
+            microseconds, so it stays off the per-request path.
+    """
+
+    name = "bucketed"
+
+    def __init__(
+        self,
+        max_bytes: int | str | None = 2**30,
+        growth: float = 1.25,
+        min_bucket_bytes: int | str = ALIGN,
+        min_free_fraction: float = 0.05,
+        min_free_bytes: int | str = 0,
+        check_every: int = 64,
+    ) -> None:
+        self.max_bytes = parse_bytes("memory.max_bytes", max_bytes)
+        self.growth = _check_float("memory.growth", growth, 1.0, 16.0, low_open=True)
+        smallest = parse_bytes("memory.min_bucket_bytes", min_bucket_bytes)
+        if smallest is None or smallest < 1:
+            raise ConfigError("memory.min_bucket_bytes", min_bucket_bytes, "must be >= 1")
+        self.min_free_fraction = _check_float("memory.min_free_fraction", min_free_fraction, 0.0, 1.0)
+        self.min_free_bytes = parse_bytes("memory.min_free_bytes", min_free_bytes) or 0
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            raise ConfigError("memory.check_every", check_every, "must be an integer >= 1")
+        self.check_every = check_every
+
+        self._sizes = self._bucket_sizes(smallest, self.growth)
+        self._plans: dict[tuple[Any, torch.dtype, Any], _Plan] = {}
+        self._lock = threading.Lock()
+        # Free lists per key, newest last (reuse the warmest buffer); entries (token, buffer, bytes).
+        self._free: dict[FreeKey, deque[tuple[int, torch.Tensor, int]]] = {}
+        # Every idle buffer's token in release order, for least-recently-released eviction.
+        self._lru: OrderedDict[int, FreeKey] = OrderedDict()
+        self._token = 0
+        # id(buffer) -> (weak ref, key, bytes held, bytes asked for)
+        self._in_use: dict[int, tuple[weakref.ref[torch.Tensor], FreeKey, int, int]] = {}
+        self._sweep_at = 256
+        self._ops = 0
+        self._next_check = check_every
+
+        self._requests = 0
+        self._reuses = 0
+        self._allocations = 0
+        self._allocated_bytes = 0
+        self._releases = 0
+        self._ignored = 0
+        self._dropped = 0
+        self._dropped_bytes = 0
+        self._pooled_bytes = 0
+        self._peak_pooled = 0
+        self._in_use_bytes = 0
+        self._peak_in_use = 0
+        self._slack = 0
+        self._evictions = 0
+        self._evicted_bytes = 0
+        self._cleanups = 0
+        self._cleanup_bytes = 0
+        self._cleared_bytes = 0
+        self._oom_retries = 0
+
+    # ------------------------------------------------------------------ the hot path
+
+    def empty(self, shape: Shape, dtype: torch.dtype, device: DeviceLike = None) -> torch.Tensor:
+        if type(shape) is not tuple and type(shape) is not torch.Size:
+            # lists cannot key the memo; a bare int is a 1-d shape, as in torch.empty
+            shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        plan = self._plans.get((shape, dtype, device))
+        if plan is None:
+            plan = self._plan(shape, dtype, device)
+        dev = plan.device
+        if dev is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        # Tensors made in inference mode cannot be saved for backward or written in place
+        # outside it, and Lightning validates in inference mode: the two never share buffers.
+        inference = torch.is_inference_mode_enabled()
+        if plan.keys is not None:
+            key = plan.keys[inference]
+        else:
+            # A buffer released on one stream may still be read by queued kernels there;
+            # handing it to another stream would race, so streams never share buffers.
+            key = (dev, dtype, plan.bucket, _stream_id(dev), inference)
+
+        out = None
+        with self._lock:
+            self._requests += 1
+            self._ops += 1
+            free = self._free.get(key)
+            if free:
+                token, flat, cap = free.pop()
+                del self._lru[token]
+                self._pooled_bytes -= cap
+                self._reuses += 1
+                # Shapes repeat step after step, so the released tensor usually fits as it is
+                # and reuse costs no torch call at all.
+                if flat.shape == shape and flat.is_contiguous():
+                    out = flat
+                else:
+                    out = flat.as_strided(shape, plan.strides, 0).detach()
+                self._lease(out, key, plan)
+            check = self._ops >= self._next_check
+            if check:
+                self._next_check = self._ops + self.check_every
+        if check:
+            self._check_pressure(dev)
+        if out is None:
+            # resize_ keeps the bucket-sized storage and, unlike a view of a flat buffer,
+            # makes no autograd view: the gradients of in-place writes into a view go
+            # through AsStridedBackward and would hang the graph on the buffer.
+            out = self._allocate(plan, dtype, dev).resize_(shape)
+            with self._lock:
+                self._allocations += 1
+                self._allocated_bytes += plan.cap_bytes
+                self._lease(out, key, plan)
+        return out
+
+    def release(self, t: torch.Tensor) -> None:
+        # Handed-out tensors are not views, so a view of one has it as its _base.
+        root = t._base
+        if root is None:
+            root = t
+        dropped: list[torch.Tensor] = []
+        with self._lock:
+            lease = self._in_use.pop(id(root), None)
+            if lease is None or lease[0]() is not root:
+                self._ignored += 1
+                if lease is not None:  # a dead buffer's record whose id came back
+                    self._forget(lease)
+                return
+            _, key, cap, asked = lease
+            self._in_use_bytes -= cap
+            self._slack -= cap - asked
+            self._releases += 1
+            if self.max_bytes is not None and cap > self.max_bytes:
+                self._evictions += 1
+                self._evicted_bytes += cap
+                return
+            token = self._token
+            self._token += 1
+            free = self._free.get(key)
+            if free is None:
+                free = self._free[key] = deque()
+            # The idle buffer must not keep the caller's autograd graph alive.
+            free.append((token, root.detach() if root.requires_grad else root, cap))
+            self._lru[token] = key
+            self._pooled_bytes += cap
+            if self.max_bytes is not None and self._pooled_bytes > self.max_bytes:
+                dropped = self._evict_to(self.max_bytes)
+            if self._pooled_bytes > self._peak_pooled:
+                self._peak_pooled = self._pooled_bytes
+        # The buffers in `dropped` are freed here, outside the lock: a large CPU free is an
+        # munmap and should not stall other threads.
+        del dropped
+
+    # ------------------------------------------------------------------ policy
+
+    def cleanup(self, device: DeviceLike = None) -> int:
+        """Drop every idle buffer (of ``device``, or all); counts as a pressure cleanup.
+
+        Returns the bytes dropped. Called on pressure and before retrying an allocation
+        that ran out of memory; callers may also call it, e.g. after an OOM of their own.
+        """
+        dev = None if device is None else self._resolve(device)
+        with self._lock:
+            bufs, nbytes = self._drop_idle(dev)
+            self._cleanups += 1
+            self._cleanup_bytes += nbytes
+        del bufs
+        return nbytes
+
+    def clear(self) -> None:
+        """Drop every idle buffer; counters keep counting, handed-out buffers stay valid."""
+        with self._lock:
+            bufs, nbytes = self._drop_idle(None)
+            self._cleared_bytes += nbytes
+        del bufs
+
+    def stats(self) -> dict[str, float]:
+        with self._lock:
+            self._sweep()
+            requests = self._requests
+            return {
+                "requests": float(requests),
+                "reuses": float(self._reuses),
+                "allocations": float(self._allocations),
+                "reuse_rate": self._reuses / requests if requests else 0.0,
+                "releases": float(self._releases),
+                "ignored_releases": float(self._ignored),
+                "dropped": float(self._dropped),
+                "pooled_bytes": float(self._pooled_bytes),
+                "pooled_buffers": float(len(self._lru)),
+                "peak_pooled_bytes": float(self._peak_pooled),
+                "in_use_bytes": float(self._in_use_bytes),
+                "in_use_buffers": float(len(self._in_use)),
+                "peak_in_use_bytes": float(self._peak_in_use),
+                "slack_bytes": float(self._slack),
+                "allocated_bytes": float(self._allocated_bytes),
+                "evictions": float(self._evictions),
+                "evicted_bytes": float(self._evicted_bytes),
+                "cleanups": float(self._cleanups),
+                "cleanup_bytes": float(self._cleanup_bytes),
+                "cleared_bytes": float(self._cleared_bytes),
+                "dropped_bytes": float(self._dropped_bytes),
+                "oom_retries": float(self._oom_retries),
+            }
+
+    def bucket_bytes(self, nbytes: int) -> int:
+        """The byte size of the buffer that serves a request of ``nbytes``."""
+        return self._sizes[bisect.bisect_left(self._sizes, nbytes)]
+
+    def __repr__(self) -> str:
+        return (f"BucketedPool(max_bytes={self.max_bytes}, growth={self.growth}, "
+                f"buckets={len(self._sizes)}, min_free_fraction={self.min_free_fraction})")
+
+    # ------------------------------------------------------------------ internals
+
+    @staticmethod
+    def _bucket_sizes(smallest: int, growth: float) -> list[int]:
+        sizes: list[int] = []
+        size = float(smallest)
+        while True:
+            aligned = -(-int(math.ceil(size)) // ALIGN) * ALIGN
+            if sizes and aligned <= sizes[-1]:
+                aligned = sizes[-1] + ALIGN
+            sizes.append(aligned)
+            if aligned >= _LARGEST:
+                return sizes
+            size = max(size * growth, float(aligned))
+
+    @staticmethod
+    def _resolve(device: DeviceLike) -> torch.device:
+        if device is None:
+            return torch.device("cpu")
+        dev = torch.device(device)  # an int means a CUDA ordinal here, as in torch
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        return dev
+
+    def _plan(self, shape: Any, dtype: torch.dtype, device: DeviceLike) -> _Plan:
+        dims = tuple(int(d) for d in shape)
+        if any(d < 0 for d in dims):
+            raise ValueError(f"memory pool: negative dimension in shape {dims}")
+        itemsize = dtype.itemsize
+        nbytes = math.prod(dims) * itemsize
+        bucket = bisect.bisect_left(self._sizes, nbytes)
+        if bucket == len(self._sizes):
+            raise ValueError(f"memory pool: a buffer of {nbytes} bytes is beyond the largest bucket")
+        cap_elems = -(-self._sizes[bucket] // itemsize)
+        dev = self._resolve(device)
+        # "cuda" without an index follows torch.cuda.set_device, so it is resolved per call.
+        per_call_device = dev.type == "cuda" and torch.device(device).index is None
+        keys = None if dev.type == "cuda" else ((dev, dtype, bucket, 0, False), (dev, dtype, bucket, 0, True))
+        plan = _Plan(
+            strides=_contiguous_strides(dims),
+            nbytes=nbytes,
+            cap_elems=cap_elems,
+            cap_bytes=cap_elems * itemsize,
+            bucket=bucket,
+            device=None if per_call_device else dev,
+            keys=keys,
+        )
+        if len(self._plans) >= _PLAN_MEMO_MAX:  # shapes that never repeat must not grow it forever
+            self._plans.clear()
+        self._plans[(shape, dtype, device)] = plan
+        return plan
+
+    def _allocate(self, plan: _Plan, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+        try:
+            return torch.empty(plan.cap_elems, dtype=dtype, device=dev)
+        except _OOM:
+            # The caching allocator's own retry cannot see the idle buffers we hold.
+            if self.cleanup(dev) == 0:
+                raise
+            with self._lock:
+                self._oom_retries += 1
+            return torch.empty(plan.cap_elems, dtype=dtype, device=dev)
+
+    def _lease(self, buf: torch.Tensor, key: FreeKey, plan: _Plan) -> None:
+        # Caller holds the lock.
+        ident = id(buf)
+        stale = self._in_use.get(ident)
+        if stale is not None:  # its buffer died unreleased and its id was reused
+            self._forget(stale)
+        self._in_use[ident] = (weakref.ref(buf), key, plan.cap_bytes, plan.nbytes)
+        self._in_use_bytes += plan.cap_bytes
+        self._slack += plan.cap_bytes - plan.nbytes
+        if self._in_use_bytes > self._peak_in_use:
+            self._peak_in_use = self._in_use_bytes
+        if len(self._in_use) > self._sweep_at:
+            self._sweep()
+
+    def _forget(self, lease: tuple[weakref.ref[torch.Tensor], FreeKey, int, int]) -> None:
+        # Caller holds the lock and has removed `lease` from _in_use (or is replacing it).
+        _, _, cap, asked = lease
+        self._in_use_bytes -= cap
+        self._slack -= cap - asked
+        self._dropped += 1
+        self._dropped_bytes += cap
+
+    def _sweep(self) -> None:
+        # Caller holds the lock. Amortised: runs when the table doubles, and on stats().
+        dead = [ident for ident, lease in self._in_use.items() if lease[0]() is None]
+        for ident in dead:
+            self._forget(self._in_use.pop(ident))
+        self._sweep_at = max(256, 2 * len(self._in_use))
+
+    def _evict_to(self, limit: int) -> list[torch.Tensor]:
+        # Caller holds the lock; the returned buffers are to be freed after releasing it.
+        out = []
+        while self._pooled_bytes > limit and self._lru:
+            token, key = self._lru.popitem(last=False)
+            free = self._free[key]
+            # Tokens grow with release order, so the oldest token of a key is its leftmost.
+            _, buf, cap = free.popleft()
+            if not free:
+                del self._free[key]
+            self._pooled_bytes -= cap
+            self._evictions += 1
+            self._evicted_bytes += cap
+            out.append(buf)
+        return out
+
+    def _drop_idle(self, dev: torch.device | None) -> tuple[list[torch.Tensor], int]:
+        # Caller holds the lock.
+        out: list[torch.Tensor] = []
+        nbytes = 0
+        for key in [k for k in self._free if dev is None or k[0] == dev]:
+            for token, buf, cap in self._free.pop(key):
+                del self._lru[token]
+                nbytes += cap
+                out.append(buf)
+        self._pooled_bytes -= nbytes
+        return out, nbytes
+
+    def _available_bytes(self, dev: torch.device) -> tuple[int, int] | None:
+        """(bytes torch could still allocate, total bytes) of ``dev``, or None without a probe."""
+        if dev.type != "cuda":
+            return None
+        free, total = torch.cuda.mem_get_info(dev)
+        # Driver-free memory alone reads near zero whenever the caching allocator has grown,
+        # which is normal in training; its unused reserve is just as available.
+        st = torch.cuda.memory_stats(dev)
+        unused_reserve = st.get("reserved_bytes.all.current", 0) - st.get("allocated_bytes.all.current", 0)
+        return free + unused_reserve, total
+
+    def _check_pressure(self, dev: torch.device) -> None:
+        probe = self._available_bytes(dev)
+        if probe is None:
+            return
+        available, total = probe
+        if available < max(self.min_free_bytes, self.min_free_fraction * total):
+            with self._lock:
+                held = any(k[0] == dev for k in self._free)
+            if held:
+                self.cleanup(dev)

@@ -1,0 +1,5 @@
+"""Sparsity patterns: what each variant computes, as index tensors and as dense masks."""
+
+from dilexp.patterns.dilated import Branch, DilatedPattern, allowed_pairs, segment_positions
+
+__all__ = ["Branch", "DilatedPattern", "allowed_pairs", "segment_positions"]

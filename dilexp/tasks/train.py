@@ -1,0 +1,177 @@
+"""task=train: Lightning fit + validate of the LM, with telemetry, checkpoints and a run record."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig
+
+from dilexp.cache import pregenerate_patterns
+from dilexp.data import build_datamodule
+from dilexp.errors import ConfigError
+from dilexp.models import GPT, masked_cross_entropy
+from dilexp.tasks.components import apply_hardware, build_model, compute_device
+from dilexp.tasks.context import JobContext, resolved
+from dilexp.telemetry.callbacks import Telemetry
+from dilexp.telemetry.record import RunRecord
+from dilexp.telemetry.wandb_logger import make_wandb_logger
+
+
+class LMModule(L.LightningModule):
+    """Next-token training of a GPT on masked targets (all tokens for text, answers for recall)."""
+
+    def __init__(self, model: GPT, lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int,
+                 max_steps: int, min_lr_ratio: float) -> None:
+        super().__init__()
+        self.model = model
+        self.lr, self.weight_decay, self.betas = lr, weight_decay, betas
+        self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self.model(batch["input_ids"])
+        loss = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        logits = self.model(batch["input_ids"])
+        mask = batch["loss_mask"]
+        loss = masked_cross_entropy(logits, batch["targets"], mask)
+        correct = ((logits.argmax(-1) == batch["targets"]) & mask).sum()
+        acc = correct.float() / mask.sum().clamp_min(1)
+        n = float(batch["input_ids"].shape[0])
+        self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("val/acc", acc, batch_size=n, sync_dist=True)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.log("val/ppl", torch.exp(loss.detach().float().clamp(max=50.0)), sync_dist=True)
+
+    def configure_optimizers(self) -> Any:
+        decay = [p for p in self.model.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.model.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.lr, betas=self.betas,
+        )
+
+        def schedule(step: int) -> float:
+            if step < self.warmup_steps:
+                return (step + 1) / self.warmup_steps
+            progress = min(1.0, (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps))
+            return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def check_train_settings(t: DictConfig) -> None:
+    for key in ("max_steps", "batch_size", "log_every_n_steps"):
+        if int(t[key]) < 1:
+            raise ConfigError(f"task.{key}", t[key], "must be >= 1")
+    if float(t.lr) <= 0:
+        raise ConfigError("task.lr", t.lr, "must be > 0")
+    if int(t.warmup_steps) < 0:
+        raise ConfigError("task.warmup_steps", t.warmup_steps, "must be >= 0")
+
+
+def train_flops_per_step(model: GPT, seq_len: int, batch_size: int) -> float:
+    """Useful FLOPs of one training step: 6 * params * tokens for the matmuls, plus the
+    attention's allowed pairs at 4 * D per pair forward, x2.5 for forward + backward
+    (DESIGN section 8)."""
+    dense = 6.0 * model.num_params(non_embedding=True) * seq_len * batch_size
+    attn = sum(a.allowed_pairs(seq_len, causal=True) for a in model.attention_modules())
+    return dense + 2.5 * 4.0 * model.cfg.head_dim * attn * batch_size
+
+
+class Prepared:
+    """Everything built from the config, before anything runs."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        t = cfg.task
+        check_train_settings(t)
+        apply_hardware(cfg)
+        self.device = compute_device(cfg)
+        self.data = build_datamodule(cfg.data, int(t.batch_size), int(cfg.seed))
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        self.model, self.parts = build_model(cfg, self.data.vocab_size)
+        self.seq_len = int(cfg.data.seq_len)
+        pregenerate_patterns(self.model.attention_modules(), self.seq_len, self.device)
+
+
+def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunRecord) -> dict[str, Any]:
+    t = cfg.task
+    run_dir = ctx.run_dir
+    model = prepared.model
+    lm = LMModule(model, lr=float(t.lr), weight_decay=float(t.weight_decay), betas=tuple(t.betas),
+                  warmup_steps=int(t.warmup_steps), max_steps=int(t.max_steps),
+                  min_lr_ratio=float(t.min_lr_ratio))
+
+    loggers: list[Any] = []
+    if "csv" in cfg.logger:
+        # version="" puts metrics.csv straight into the run folder.
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="", version="",
+                                 flush_logs_every_n_steps=int(cfg.logger.csv.get("flush_every", 10))))
+    if "wandb" in cfg.logger:
+        wb = make_wandb_logger(cfg.logger.wandb, run_dir, ctx.run_name(), ctx.group(cfg), ctx.tags(), resolved(cfg))
+        if wb is not None:
+            loggers.append(wb)
+            record.update(wandb={"dir": str(Path(wb.save_dir or run_dir).name), "group": ctx.group(cfg),
+                                 "mode": wb.experiment.settings.mode if hasattr(wb.experiment, "settings") else None})
+
+    tokens = int(t.batch_size) * prepared.seq_len
+    telemetry = Telemetry(
+        every=int(t.log_every_n_steps), tokens_per_step=tokens,
+        flops_per_step=train_flops_per_step(model, prepared.seq_len, int(t.batch_size)),
+        caches=lambda: prepared.parts.caches, pool=prepared.parts.pool,
+    )
+    callbacks: list[L.Callback] = [telemetry, TQDMProgressBar(refresh_rate=max(1, int(t.log_every_n_steps) // 2))]
+    if t.get("checkpoint", True) and not t.get("fast_dev_run"):
+        callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
+                                         every_n_train_steps=int(t.get("checkpoint_every", 0)) or None))
+
+    hw = cfg.hardware
+    trainer = L.Trainer(
+        accelerator=str(hw.accelerator), devices=hw.devices, num_nodes=int(hw.get("num_nodes", 1)),
+        strategy=hw.get("strategy", "auto"), precision=hw.precision,
+        max_steps=int(t.max_steps), val_check_interval=int(t.val_every_n_steps),
+        check_val_every_n_epoch=None, limit_val_batches=int(t.val_batches),
+        num_sanity_val_steps=0,
+        log_every_n_steps=int(t.log_every_n_steps), gradient_clip_val=float(t.grad_clip) or None,
+        fast_dev_run=bool(t.get("fast_dev_run", False)), overfit_batches=t.get("overfit_batches", 0) or 0.0,
+        default_root_dir=str(run_dir), logger=loggers or False, callbacks=callbacks,
+        enable_model_summary=False, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        deterministic=False,
+    )
+    trainer.fit(lm, datamodule=prepared.data)
+
+    metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics.update(telemetry.summary())
+    metrics.update({k: v for k, v in telemetry.last.items() if k.startswith(("cache/", "memory/"))})
+    first, last = telemetry_loss_span(telemetry, trainer)
+    metrics["train/loss_first"], metrics["train/loss_last"] = first, last
+    metrics["train/steps"] = float(trainer.global_step)
+    metrics["model/params_non_embedding"] = float(model.num_params())
+    keys = sorted({str(k) for c in prepared.parts.caches if hasattr(c, "keys") for k in c.keys()})
+    for lg in loggers:
+        if hasattr(lg, "experiment") and hasattr(lg.experiment, "summary"):
+            lg._guard("summary", lg.experiment.summary.update, {"cache_keys": keys, **metrics})
+    return {"metrics": metrics, "cache_keys": keys}
+
+
+def telemetry_loss_span(telemetry: Telemetry, trainer: L.Trainer) -> tuple[float, float]:
+    losses = telemetry.losses if hasattr(telemetry, "losses") else []
+    if not losses:
+        return float("nan"), float("nan")
+    return losses[0], losses[-1]

@@ -1,0 +1,1 @@
+"""Callbacks, run records and W&B plumbing."""

@@ -1,0 +1,136 @@
+"""Lightning callbacks: one metrics line per log step (perf/*, cache/*, memory/*)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from tqdm import tqdm
+
+from dilexp.cache.base import PatternCache, collect_stats
+from dilexp.memory.base import MemoryPool
+
+# Dense bf16 peak of the accelerators we report MFU for (vendor datasheet figures, TFLOP/s).
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None  # no honest peak for a CPU: MFU is not reported there
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    from dilexp.telemetry.memory import memory_snapshot
+
+    return memory_snapshot(device)
+
+
+class Telemetry(L.Callback):
+    """Times steps and logs perf/*, cache/*, memory/*, pool/* every ``every`` steps.
+
+    ``flops_per_step`` counts useful FLOPs (the attention part from the pattern's
+    allowed pairs), so TFLOP/s stays honest for sparse patterns.
+    """
+
+    def __init__(
+        self,
+        every: int,
+        tokens_per_step: int,
+        flops_per_step: float,
+        caches: Callable[[], list[PatternCache]],
+        pool: MemoryPool | None,
+        extra: Callable[[], dict[str, float]] | None = None,
+        print_lines: bool = True,
+    ) -> None:
+        self.every = max(1, int(every))
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_step = flops_per_step
+        self.caches, self.pool, self.extra = caches, pool, extra
+        self.print_lines = print_lines
+        self.step_ms: list[float] = []
+        self.last: dict[str, float] = {}
+        self.losses: list[float] = []
+        self._t0 = 0.0
+        self._window: list[float] = []
+
+    def _sync(self, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        self._sync(pl_module)
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           idx: int) -> None:
+        self._sync(pl_module)
+        ms = (time.perf_counter() - self._t0) * 1e3
+        self.step_ms.append(ms)
+        self._window.append(ms)
+        step = trainer.global_step
+        if step % self.every != 0 and not trainer.fast_dev_run:
+            return
+        window_ms = statistics.median(self._window)
+        self._window = []
+        metrics: dict[str, float] = {
+            "perf/step_ms": window_ms,
+            "perf/tokens_per_s": self.tokens_per_step / (window_ms / 1e3),
+            "perf/tflops": self.flops_per_step / (window_ms / 1e3) / 1e12,
+        }
+        peak = peak_tflops(pl_module.device)
+        if peak:
+            metrics["perf/mfu"] = metrics["perf/tflops"] / peak
+        metrics.update({f"cache/{k}": v for k, v in collect_stats(self.caches()).items()})
+        metrics.update({f"memory/{k}": v for k, v in memory_stats(pl_module.device).items()})
+        if self.pool is not None:
+            metrics.update({f"memory/pool_{k}": v for k, v in self.pool.stats().items()})
+        if self.extra is not None:
+            metrics.update(self.extra())
+        loss = outputs["loss"].item() if isinstance(outputs, dict) and "loss" in outputs else float("nan")
+        metrics["train/loss_step"] = loss
+        self.losses.append(loss)
+        for lg in trainer.loggers:
+            lg.log_metrics(metrics, step=step)
+        self.last = metrics
+        if self.print_lines and trainer.is_global_zero:
+            tqdm.write(self.format_line(step, loss, metrics))
+
+    @staticmethod
+    def format_line(step: int, loss: float, m: dict[str, float]) -> str:
+        mem = m.get("memory/peak_allocated_mb", m.get("memory/peak_rss_mb", float("nan")))
+        mem_kind = "peak_alloc" if "memory/peak_allocated_mb" in m else "peak_rss"
+        parts = [
+            f"step {step:>5}",
+            f"loss {loss:7.4f}",
+            f"tok/s {m['perf/tokens_per_s']:9.0f}",
+            f"step {m['perf/step_ms']:7.1f} ms",
+            f"TFLOP/s {m['perf/tflops']:.3f}",
+        ]
+        if "perf/mfu" in m:
+            parts.append(f"MFU {100 * m['perf/mfu']:.1f}%")
+        parts += [f"cache hit {100 * m.get('cache/hit_rate', 0.0):5.1f}%", f"{mem_kind} {mem:8.1f} MB"]
+        return " | ".join(parts)
+
+    def summary(self) -> dict[str, float]:
+        # The first steps include one-off work (pattern builds, allocator warm-up): the
+        # median over the rest is the figure to compare.
+        steady = self.step_ms[2:] if len(self.step_ms) > 4 else self.step_ms
+        if not steady:
+            return {}
+        med = statistics.median(steady)
+        out = {
+            "perf/step_ms_median": med,
+            "perf/tokens_per_s_median": self.tokens_per_step / (med / 1e3),
+            "perf/tflops_median": self.flops_per_step / (med / 1e3) / 1e12,
+            "perf/steps_timed": float(len(steady)),
+        }
+        if len(steady) >= 4:
+            q = statistics.quantiles(steady, n=4)
+            out["perf/step_ms_p25"], out["perf/step_ms_p75"] = q[0], q[2]
+        return out

@@ -1,0 +1,90 @@
+"""W&B through Lightning's WandbLogger, offline unless the user is logged in, never fatal."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import WandbLogger
+
+log = logging.getLogger(__name__)
+
+
+def wandb_mode(requested: str | None) -> str:
+    """`auto` -> WANDB_MODE if set, online when an API key is known, else offline."""
+    if requested and requested != "auto":
+        return requested
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        if "api.wandb.ai" in netrc.read_text():
+            return "online"
+    except OSError:
+        pass
+    return "offline"
+
+
+class SafeWandbLogger(WandbLogger):
+    """A WandbLogger whose failures are warnings: W&B trouble never kills a run."""
+
+    def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B %s failed (%s: %s); the run goes on without it", what, type(e).__name__, e)
+            return None
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self._guard("log_metrics", super().log_metrics, metrics, step)
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        self._guard("log_hyperparams", super().log_hyperparams, params, *args, **kwargs)
+
+    def log_table(self, *args: Any, **kwargs: Any) -> None:
+        self._guard("log_table", super().log_table, *args, **kwargs)
+
+    def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
+        self._guard("after_save_checkpoint", super().after_save_checkpoint, checkpoint_callback)
+
+    def finalize(self, status: str) -> None:
+        self._guard("finalize", super().finalize, status)
+
+
+def make_wandb_logger(settings: Any, run_dir: Path, name: str, group: str | None, tags: list[str],
+                      config: dict[str, Any]) -> SafeWandbLogger | None:
+    try:
+        mode = wandb_mode(settings.get("mode", "auto"))
+        if mode == "disabled":
+            return None
+        logger = SafeWandbLogger(
+            project=settings.get("project", "dilexp"),
+            entity=settings.get("entity"),
+            name=name,
+            group=group,
+            tags=tags,
+            save_dir=str(run_dir),
+            mode=mode,
+            config=config,
+            log_model=False,
+        )
+        _ = logger.experiment  # start it now, so a failure shows here and not mid-run
+        return logger
+    except Exception as e:  # noqa: BLE001
+        log.warning("W&B could not start (%s: %s); the run goes on without it", type(e).__name__, e)
+        return None
+
+
+def finish_wandb() -> None:
+    """End the current W&B run so the next job of a multirun gets its own."""
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+    except Exception as e:  # noqa: BLE001
+        log.warning("W&B finish failed (%s); ignored", e)

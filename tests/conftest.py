@@ -1,0 +1,47 @@
+"""Shared fixtures: the config dir, a Hydra compose helper, and a subprocess runner for `python -m dilexp`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from dilexp.main import CONF_DIR
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def compose_cfg() -> Iterator:
+    def _compose(overrides: list[str] | None = None) -> DictConfig:
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name="config", overrides=overrides or [])
+
+    yield _compose
+    GlobalHydra.instance().clear()
+
+
+def run_dilexp(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, str] | None = None,
+               module: str = "dilexp") -> subprocess.CompletedProcess:
+    """Run `python -m dilexp ARGS` in ``cwd`` the way a user would, offline W&B, 1 thread."""
+    e = dict(os.environ)
+    e.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0",
+              "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    e.pop("WANDB_API_KEY", None)
+    if env:
+        e.update(env)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=e, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def dilexp_cli():
+    return run_dilexp
