@@ -52,12 +52,47 @@ def _run(cfg: DictConfig, ctx: JobContext, prepared: Any, record: Any) -> dict[s
     return run_bench(cfg, ctx, prepared, record)
 
 
+def is_launched_rank() -> bool:
+    """True in the extra ranks Lightning's DDP launcher starts (they re-run this entry point)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0
+
+
+def is_multiprocess(cfg: DictConfig) -> bool:
+    hw = cfg.hardware
+    devices = hw.get("devices", 1)
+    many = isinstance(devices, (list, tuple)) or str(devices) in ("-1", "auto") or int(str(devices)) > 1
+    return many or int(hw.get("num_nodes", 1)) > 1
+
+
+def _run_as_own_launch(ctx: JobContext) -> dict[str, Any] | None:
+    """A multi-process job inside a multirun runs as a single run in a child process.
+
+    Lightning's DDP launcher re-runs the command line in each extra rank; inside a
+    sweep that command line is the whole sweep. As its own `python -m dilexp` the job's
+    ranks re-run just the job, in the job's folder.
+    """
+    import subprocess
+
+    from dilexp.telemetry.record import read_summary
+
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE")}
+    cmd = [sys.executable, "-m", "dilexp", *ctx.overrides, f"hydra.run.dir={ctx.run_dir}"]
+    proc = subprocess.run(cmd, env=env)
+    summary = read_summary(ctx.run_dir) or {}
+    if proc.returncode != 0:
+        _say(f"dilexp: job {ctx.job_num} exited with {proc.returncode}; record in {ctx.run_dir}")
+    return summary if summary.get("status") == "completed" else None
+
+
 def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     from dilexp.cache import reset_global_cache
-    from dilexp.telemetry.record import RunRecord
+    from dilexp.telemetry.record import NoRecord, RunRecord
     from dilexp.telemetry.wandb_logger import finish_wandb
 
     ctx = JobContext.from_hydra()
+    if ctx.multirun and is_multiprocess(cfg):
+        return _run_as_own_launch(ctx)
+    child_rank = is_launched_rank()
     # Jobs of a multirun share this process: process-wide caches must not carry counts over.
     reset_global_cache()
     ctx.choices.setdefault("logger", ",".join(sorted(cfg.get("logger") or {})) or "none")
@@ -75,7 +110,9 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         shutil.rmtree(ctx.run_dir, ignore_errors=True)
         sys.exit(2)
 
-    record = RunRecord(ctx.run_dir, str(cfg.task.name), ctx.choices, ctx.overrides, resolved(cfg))
+    # Only the launching rank keeps the record; the extra ranks share its folder.
+    record = NoRecord() if child_rank else RunRecord(ctx.run_dir, str(cfg.task.name), ctx.choices, ctx.overrides,
+                                                     resolved(cfg))
     try:
         result = _run(cfg, ctx, prepared, record)
     except (Exception, KeyboardInterrupt) as e:
@@ -87,7 +124,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         raise
     record.finish("completed", **result)
     finish_wandb()
-    _say(f"dilexp: run folder: {ctx.run_dir}")
+    if not child_rank:
+        _say(f"dilexp: run folder: {ctx.run_dir}")
     return result
 
 

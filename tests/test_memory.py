@@ -70,7 +70,7 @@ def test_released_buffer_is_reused_within_its_bucket() -> None:
     b = pool.empty((1900,), torch.uint8, CPU)  # same bucket, other dtype: not shared
     assert ptr(b) != pa
     c = pool.empty((2, 2, 110), F32, CPU)  # 1760 bytes, same bucket and dtype: reused
-    assert ptr(c) == pa and c.shape == (2, 2, 110)
+    assert ptr(c) == pa and c.shape == (2, 2, 110) and c.is_contiguous() and c._base is None
     pool.release(c)
     d = pool.empty((1000,), F32, CPU)  # 4000 bytes: the next bucket up, a new buffer
     assert ptr(d) != pa
@@ -433,7 +433,7 @@ def test_bucketed_on_cuda_keys_by_stream_and_probes_pressure() -> None:
 def test_memory_snapshot_on_cpu() -> None:
     snap = memory_snapshot("cpu")
     assert snap["peak_rss_mb"] > 0 and snap["rss_mb"] > 0
-    assert snap["rss_mb"] <= snap["peak_rss_mb"] + 1
+    assert snap["rss_mb"] <= snap["peak_rss_mb"]
     assert all(isinstance(v, float) for v in snap.values())
     assert "allocated_mb" not in snap
     reset_peak("cpu")

@@ -2,7 +2,9 @@
 
 # Importing a variant's module registers it.
 from dilexp.attention import (
+    block_sparse,  # noqa: E402,F401
     dilated,  # noqa: E402,F401
+    flex,  # noqa: E402,F401
     improved,  # noqa: E402,F401
     ring,  # noqa: E402,F401
     sdpa,  # noqa: E402,F401,I001

@@ -31,6 +31,7 @@ class Pending:
     peers: list[int]
     what: str
     keep: list[torch.Tensor] = field(default_factory=list)  # buffers that must outlive the sends
+    done: bool = False  # a gloo Work waited twice blocks until its timeout: wait once only
 
 
 class RingComm:
@@ -78,7 +79,7 @@ class RingComm:
         return Pending(works, peers, what, [t for t, _, _ in sends])
 
     def wait(self, pending: Pending | None) -> None:
-        if pending is None:
+        if pending is None or pending.done:
             return
         timeout = datetime.timedelta(seconds=self.timeout_s)
         try:
@@ -89,6 +90,8 @@ class RingComm:
                     w.wait()
         except Exception as e:  # re-raised with the ranks named
             raise self._error(pending.what, pending.peers, e) from e
+        pending.done = True
+        pending.keep.clear()
 
     def _error(self, what: str, peers: list[int], e: BaseException) -> RingCommError:
         return RingCommError(

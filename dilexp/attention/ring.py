@@ -23,10 +23,11 @@ Block pairs the pattern leaves empty are skipped, and a shard only travels as fa
 farthest rank that needs it: when every segment fits in a shard nothing is sent at all.
 With several processes ``chunks`` cuts each rank's shard into sub-blocks (memory bound).
 
-Backward is a custom autograd Function that runs the ring again: K/V travel as in the
-forward, each rank adds its share to the dK/dV of the shard it holds and passes the
-partial sum on; the last rank that needs a shard sends the finished dK/dV straight back
-to its owner. Exact (not autograd through the loop), so it works across processes.
+Backward is a custom autograd Function that runs the ring again from the saved output
+and log-sum-exp: K/V travel as in the forward; the owner of a shard keeps its own share of
+that shard's dK/dV, the ranks that received the shard pass one partial sum along, and the
+last of them sends it straight back to the owner. Exact (not autograd through the loop),
+so it works across processes.
 
 Failures: every transfer waits at most the group timeout (``init_process_group(timeout_s)``)
 and then raises ``RingCommError`` naming this rank and the peer it waited for.
@@ -159,8 +160,10 @@ class _Runner:
         r, world = lay.rank, lay.world
         kv = torch.stack([k, v]).contiguous()
         cur: torch.Tensor | None = kv
+        # The owner keeps its own share; the ranks after it (steps 1..maxdist) pass one
+        # partial sum along, and the last sends it home, where it is added.
         incoming: tuple[Pending | None, torch.Tensor] | None = None  # partial dK/dV of the next shard
-        final: tuple[Pending | None, torch.Tensor] | None = None  # this shard's finished dK/dV
+        final: tuple[Pending | None, torch.Tensor] | None = None  # the others' share of this shard
         own: torch.Tensor | None = None
         outstanding: list[Pending | None] = []
         for t in range(world):
@@ -173,22 +176,21 @@ class _Runner:
                 for a, b in lay.pairs[j]:
                     block_backward(q, cur[0], cur[1], dout, lse, delta, self.pattern(j, a, b), scale,
                                    dq, dkv[0], dkv[1])
-                if incoming is not None:  # what ranks before this one added to shard j
+                if incoming is not None:  # what the ranks between the owner and this one added
                     comm.wait(incoming[0])
                     dkv += incoming[1]
                     incoming = None
-            # Pass the partial sum on, or home when this rank is the last that needs shard j.
             sends, recvs = [], []
             if dkv is not None:
-                if t + 1 <= lay.maxdist[j]:
-                    sends.append((dkv, comm.next, TAG_DKV))
-                elif t >= 1:
-                    sends.append((dkv, j, TAG_FINAL))
-                else:
+                if t == 0:
                     own = dkv
+                elif t + 1 <= lay.maxdist[j]:
+                    sends.append((dkv, comm.next, TAG_DKV))
+                else:
+                    sends.append((dkv, j, TAG_FINAL))
             nxt = (r - t - 1) % world
             nxt_buf = fin_buf = None
-            if t + 1 <= lay.maxdist[nxt]:
+            if t >= 1 and t + 1 <= lay.maxdist[nxt]:
                 nxt_buf = torch.empty((2, kv.shape[1], lay.shard_len(nxt), *kv.shape[3:]), dtype=acc,
                                       device=kv.device)
                 recvs.append((nxt_buf, comm.prev, TAG_DKV))
@@ -205,9 +207,9 @@ class _Runner:
             cur = buf
         for p in outstanding:  # sends must finish before their buffers go away
             comm.wait(p)
-        if final is not None:
-            own = final[1]
         assert own is not None
+        if final is not None:
+            own += final[1]
         self.attn._stats["bytes_sent"] += comm.bytes_sent
         comm.bytes_sent = 0
         return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype)
@@ -321,7 +323,9 @@ class RingDilatedAttention(Attention):
         # One tiny collective per call: every rank must agree on N before the ring starts.
         sizes = torch.tensor([n_local], dtype=torch.int64, device=device)
         gathered = [torch.zeros_like(sizes) for _ in range(world)]
-        dist.all_gather(gathered, sizes, group=group)
+        work = dist.all_gather(gathered, sizes, group=group, async_op=True)
+        comm = RingComm(group, rank, world, self.name, self.timeout_s)
+        comm.wait(Pending([work], [p for p in range(world) if p != rank], "all_gather of shard lengths"))
         lengths = [int(s.item()) for s in gathered]
         n = sum(lengths)
         check_shardable(n, world)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -20,7 +19,7 @@ from dilexp.tasks.components import apply_hardware, build_model, compute_device
 from dilexp.tasks.context import JobContext, resolved
 from dilexp.telemetry.callbacks import Telemetry
 from dilexp.telemetry.record import RunRecord
-from dilexp.telemetry.wandb_logger import make_wandb_logger
+from dilexp.telemetry.wandb_logger import SafeWandbLogger, make_wandb_logger, wandb_mode
 
 
 class LMModule(L.LightningModule):
@@ -127,8 +126,7 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
         wb = make_wandb_logger(cfg.logger.wandb, run_dir, ctx.run_name(), ctx.group(cfg), ctx.tags(), resolved(cfg))
         if wb is not None:
             loggers.append(wb)
-            record.update(wandb={"dir": str(Path(wb.save_dir or run_dir).name), "group": ctx.group(cfg),
-                                 "mode": wb.experiment.settings.mode if hasattr(wb.experiment, "settings") else None})
+            record.update(wandb={"group": ctx.group(cfg), "mode": wandb_mode(cfg.logger.wandb.get("mode"))})
 
     tokens = int(t.batch_size) * prepared.seq_len
     telemetry = Telemetry(
@@ -165,8 +163,8 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
     metrics["model/params_non_embedding"] = float(model.num_params())
     keys = sorted({str(k) for c in prepared.parts.caches if hasattr(c, "keys") for k in c.keys()})
     for lg in loggers:
-        if hasattr(lg, "experiment") and hasattr(lg.experiment, "summary"):
-            lg._guard("summary", lg.experiment.summary.update, {"cache_keys": keys, **metrics})
+        if isinstance(lg, SafeWandbLogger) and trainer.is_global_zero:
+            lg._guard("summary", lambda lg=lg: lg.experiment.summary.update({"cache_keys": keys, **metrics}))
     return {"metrics": metrics, "cache_keys": keys}
 
 

@@ -47,7 +47,9 @@ class Telemetry(L.Callback):
         pool: MemoryPool | None,
         extra: Callable[[], dict[str, float]] | None = None,
         print_lines: bool = True,
+        data_parallel: bool = True,
     ) -> None:
+        self.data_parallel = data_parallel
         self.every = max(1, int(every))
         self.tokens_per_step = tokens_per_step
         self.flops_per_step = flops_per_step
@@ -58,6 +60,13 @@ class Telemetry(L.Callback):
         self.losses: list[float] = []
         self._t0 = 0.0
         self._window: list[float] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Data-parallel ranks each process their own batch: the job's throughput is the sum.
+        if self.data_parallel:
+            self.tokens_per_step *= trainer.world_size
+            self.flops_per_step *= trainer.world_size
+            self.data_parallel = False
 
     def _sync(self, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":

@@ -5,9 +5,10 @@
 Always (the host process):
 - ``rss_mb``: current resident set size, from /proc/self/statm (psutil where there is no
   /proc); left out when neither can be read.
-- ``peak_rss_mb``: the process high-water mark (getrusage ru_maxrss). The kernel never
-  resets it, so it covers everything since the process started, earlier jobs of an
-  in-process Hydra multirun included.
+- ``peak_rss_mb``: the process high-water mark (getrusage ru_maxrss, or the current RSS
+  where the kernel's lazily updated mark trails it). The kernel never resets it, so it
+  covers everything since the process started, earlier jobs of an in-process Hydra
+  multirun included.
 - ``rss_delta_mb``: ``rss_mb`` now minus ``rss_mb`` at the last ``reset_peak``.
 - ``peak_rss_since_reset_mb``: the peak since the last ``reset_peak`` where that can be
   known: exact when the process set a new high-water mark after the reset (the kernel's
@@ -25,7 +26,6 @@ On CUDA devices, from torch.cuda.memory_stats (the caching allocator), in additi
 from __future__ import annotations
 
 import os
-import resource
 import sys
 import threading
 
@@ -38,6 +38,10 @@ _baseline: tuple[int, int] | None = None
 
 
 def _maxrss_bytes() -> int:
+    try:
+        import resource  # POSIX only
+    except ImportError:
+        return 0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     # Linux reports kilobytes, macOS bytes.
     return int(peak) if sys.platform == "darwin" else int(peak) * 1024
@@ -70,8 +74,9 @@ def _as_device(device: torch.device | str | int | None) -> torch.device:
 def memory_snapshot(device: torch.device | str | int | None = None) -> dict[str, float]:
     """Memory figures for ``device`` (and the host process) as flat floats; see the module doc."""
     out: dict[str, float] = {}
-    peak = _maxrss_bytes()
     rss = _rss_bytes()
+    # The kernel updates its high-water mark lazily, so it can trail the current RSS.
+    peak = max(_maxrss_bytes(), rss or 0)
     with _lock:
         baseline = _baseline
     out["peak_rss_mb"] = peak / _MB
@@ -112,7 +117,7 @@ def reset_peak(device: torch.device | str | int | None = None) -> None:
     """
     global _baseline
     rss = _rss_bytes()
-    peak = _maxrss_bytes()
+    peak = max(_maxrss_bytes(), rss or 0)
     with _lock:
         _baseline = (rss if rss is not None else 0, peak)
     dev = _as_device(device)

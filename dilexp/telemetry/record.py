@@ -123,6 +123,18 @@ class RunRecord:
         write_json_atomic(self.path, self.data)
 
 
+class NoRecord:
+    """The record of an extra DDP rank: it writes nothing (rank 0 owns summary.json)."""
+
+    data: dict[str, Any] = {}
+
+    def update(self, **fields: Any) -> None:
+        return None
+
+    def finish(self, status: str, error: str | None = None, **fields: Any) -> None:
+        return None
+
+
 def read_summary(run_dir: str | Path) -> dict[str, Any] | None:
     p = Path(run_dir) / SUMMARY
     try:

@@ -1,0 +1,255 @@
+"""``ring_v2`` / ``ring_v3`` in one process (the chunk ring) against the float64 dense reference.
+
+The multi-process ring is in test_ring_distributed.py; this file covers the block maths,
+the layout/skip logic, the sharding helpers, caches and config validation.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dilexp import distributed as D
+from dilexp.attention import build
+from dilexp.attention._ring_plan import build_block_pattern, make_layout, ranges_meet
+from dilexp.attention.reference import dense_reference
+from dilexp.attention.ring import RingV2Attention, RingV3Attention, configure_ring, ring_stats
+from dilexp.cache import build_cache
+from dilexp.cache.lru import LRUCache
+from dilexp.cache.simple import LocalCache
+from dilexp.cache.tiered import TwoTierCache
+from dilexp.errors import ConfigError
+from dilexp.patterns.dilated import DilatedPattern
+
+H, DH = 6, 8
+CONF = Path(__file__).resolve().parent.parent / "conf" / "attention"
+
+# name -> (segment_lengths, dilation_rates, heads, offsets): each covers an edge of the pattern.
+PATTERNS = {
+    "grouped": ([4, 8, 16], [1, 2, 4], "grouped", "head"),
+    "all-heads": ([5, 12], [2, 3], "all", "head"),
+    "w>=N-group-offsets": ([3, 7, 100], [1, 2, 3], "grouped", "group"),
+    "rate>length": ([2, 5, 3], [4, 2, 1], "grouped", "head"),  # some offsets select nothing
+}
+
+
+def errors(attn: torch.nn.Module, n: int, causal: bool, dtype: torch.dtype = torch.float32,
+           b: int = 2, seed: int = 0) -> tuple[float, float]:
+    """(forward, gradient) max abs error against the float64 reference."""
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, n, H, DH, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+    g = torch.randn(b, n, H, DH, generator=gen).to(dtype)
+    out = attn(q, k, v, causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = dense_reference(q64, k64, v64, attn.dense_multiplicity(n), causal)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    assert out.shape == ref.shape and out.dtype == dtype
+    fwd = (out.double() - ref).abs().max().item()
+    bwd = max((x.double() - y).abs().max().item() for x, y in zip(grads, ref_grads, strict=True))
+    return fwd, bwd
+
+
+def make(variant: str = "ring_v2", pattern: str = "grouped", **kw) -> RingV2Attention:
+    seg, rates, heads, offsets = PATTERNS[pattern]
+    kw.setdefault("cache", build_cache("local"))
+    return build(variant, num_heads=H, head_dim=DH, segment_lengths=seg, dilation_rates=rates,
+                 heads=heads, offsets=offsets, **kw)
+
+
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("chunks", [1, 2, 4])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_chunk_ring_matches_reference(pattern: str, chunks: int, causal: bool) -> None:
+    # 37 is prime: no chunk count or segment length divides it.
+    attn = make(pattern=pattern, chunks=chunks)
+    fwd, bwd = errors(attn, 37, causal)
+    assert fwd <= 1e-4 and bwd <= 1e-4, (fwd, bwd)
+
+
+@pytest.mark.parametrize("variant", ["ring_v2", "ring_v3"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("n", [16, 29])
+def test_zigzag_chunks_match_reference(variant: str, causal: bool, n: int) -> None:
+    attn = make(variant, pattern="all-heads", chunks=3, placement="zigzag")
+    fwd, bwd = errors(attn, n, causal)
+    assert fwd <= 1e-4 and bwd <= 1e-4, (fwd, bwd)
+
+
+def test_more_chunks_than_positions_and_bf16() -> None:
+    fwd, bwd = errors(make(chunks=8), 5, causal=True)
+    assert fwd <= 1e-4 and bwd <= 1e-4
+    fwd, bwd = errors(make(chunks=2), 33, causal=True, dtype=torch.bfloat16)
+    assert fwd <= 2e-2 and bwd <= 2e-2, (fwd, bwd)
+
+
+def test_forward_without_grad() -> None:
+    attn = make(chunks=2)
+    q = torch.randn(1, 20, H, DH)
+    with torch.no_grad():
+        out = attn(q, q, q, causal=True)
+    assert out.shape == q.shape and not out.requires_grad
+
+
+# -- skip logic and stats --------------------------------------------------------------
+
+
+def test_stats_count_skipped_pairs_and_send_nothing() -> None:
+    attn = make(chunks=4)  # segments <= 16 over chunks of 16: off-diagonal pairs are empty
+    q = torch.randn(1, 64, H, DH)
+    attn(q, q, q, causal=False)
+    s = attn.ring_stats()
+    assert s["steps"] == 16 and s["skipped_steps"] == 12 and s["bytes_sent"] == 0 and s["calls"] == 1
+    attn.reset_ring_stats()
+    attn(q, q, q, causal=True)
+    assert attn.ring_stats()["skipped_steps"] == 12
+    assert ring_stats(torch.nn.Sequential(attn, make()))["steps"] == 16
+
+
+def test_layout_causal_skips_the_future() -> None:
+    pattern = DilatedPattern.from_config([100], [1])
+    br = tuple(pattern.branches(2))
+    lay = make_layout(br, 40, 1, 0, 4, "contiguous", True)
+    assert sorted(lay.pairs[0]) == [(a, b) for a in range(4) for b in range(4) if b <= a]
+    # Several ranks: a causal ring with contiguous shards sends every shard forward only.
+    lay = make_layout(br, 40, 4, 2, 1, "contiguous", True)
+    assert lay.maxdist == (3, 2, 1, 0)
+    assert [j for j, p in enumerate(lay.pairs) if p] == [0, 1, 2]
+    lay = make_layout(br, 40, 4, 2, 1, "zigzag", True)
+    assert all(len(p) == 1 for p in lay.pairs)  # zigzag: every rank needs every shard
+
+
+def test_segments_inside_shards_send_nothing() -> None:
+    pattern = DilatedPattern.from_config([4, 8], [1, 2])
+    br = tuple(pattern.branches(4))
+    for causal, rank in itertools.product([False, True], range(4)):
+        lay = make_layout(br, 32, 4, rank, 2, "contiguous", causal)
+        assert lay.maxdist == (0, 0, 0, 0)
+        assert [bool(p) for p in lay.pairs] == [j == rank for j in range(4)]
+
+
+def test_analytic_emptiness_agrees_with_built_patterns() -> None:
+    rng = random.Random(0)
+    for _ in range(300):
+        w, r = rng.randint(1, 12), rng.randint(1, 5)
+        pattern = DilatedPattern.from_config([w], [r], heads="all")
+        for br in pattern.branches(r):
+            a0, b0 = rng.randint(0, 40), rng.randint(0, 40)
+            qa, ka = (a0, a0 + rng.randint(1, 20)), (b0, b0 + rng.randint(1, 20))
+            for causal in (False, True):
+                built = build_block_pattern([br], ((*qa, 0),), ((*ka, 0),), causal)
+                assert ranges_meet(qa, ka, br, causal) == bool(built), (w, r, br.offset, qa, ka, causal)
+
+
+def test_smaller_blocks_with_more_chunks() -> None:
+    """The memory bound: the largest score block of one call shrinks with ``chunks``."""
+
+    def largest(chunks: int) -> int:
+        attn = make(pattern="w>=N-group-offsets", chunks=chunks)
+        lay = attn.layout(96, causal=False)
+        return max(
+            sum(mask.numel() * heads.numel() for heads, _, _, mask, *_ in
+                attn.block_pattern(lay.q_units[a], lay.kv_units[0][b], False, "cpu"))
+            for a, b in lay.pairs[0]
+        )
+
+    assert largest(4) * 4 <= largest(1)
+
+
+# -- caches, pregeneration ---------------------------------------------------------------
+
+
+def test_default_caches_and_pregeneration() -> None:
+    seg, rates, heads, offsets = PATTERNS["grouped"]
+    v2 = RingV2Attention(H, DH, seg, rates, chunks=2)
+    assert isinstance(v2.cache, LRUCache)
+    v3 = RingV3Attention(H, DH, seg, rates, chunks=2, cache=TwoTierCache(promote_after=1))
+    assert isinstance(RingV3Attention(H, DH, seg, rates).cache, TwoTierCache)
+    q = torch.randn(1, 40, H, DH)
+    v3(q, q, q, causal=True)
+    s = v3.cache.stats()
+    # Everything was built before the first call (both causal flags), so it saw only hits.
+    assert s["misses"] == 0 and s["hits"] > 0 and s["pregenerated"] > s["hits"], s
+    v3(q, q, q, causal=False)
+    assert v3.cache.stats()["misses"] == 0
+
+
+def test_prepare_then_all_hits() -> None:
+    cache = LocalCache()
+    attn = make(chunks=3, cache=cache)
+    attn.prepare(30, "cpu")
+    built = cache.stats()["misses"]
+    q = torch.randn(1, 30, H, DH, requires_grad=True)
+    attn(q, q, q, causal=True).sum().backward()
+    assert cache.stats()["misses"] == built and cache.stats()["hits"] > 0
+
+
+def test_set_shard_single_process() -> None:
+    attn = make(seq_len=24)
+    assert configure_ring(torch.nn.Sequential(attn), 24) == 1
+    q = torch.randn(1, 24, H, DH)
+    assert attn(q, q, q).shape == q.shape
+
+
+# -- sharding helpers ----------------------------------------------------------------------
+
+
+def test_shard_bounds_remainder_and_zigzag() -> None:
+    assert D.shard_bounds(10, 4) == [((0, 3),), ((3, 6),), ((6, 8),), ((8, 10),)]
+    assert D.shard_bounds(10, 2, "zigzag") == [((0, 3), (8, 10)), ((3, 6), (6, 8))]
+    for n, p, placement in itertools.product([7, 16, 37], [1, 2, 3, 4], D.PLACEMENTS):
+        bounds = D.shard_bounds(n, p, placement)
+        positions = sorted(x for rg in bounds for a, b in rg for x in range(a, b))
+        assert positions == list(range(n))
+        lengths = [D.ranges_len(rg) for rg in bounds]
+        assert max(lengths) - min(lengths) <= (1 if placement == "contiguous" else 2)
+        x = torch.arange(n).view(1, n, 1)
+        for r in range(p):
+            assert torch.equal(D.shard_sequence(x, r, p, placement).flatten(), D.shard_positions(n, r, p, placement))
+    assert D.unshard_sequence(torch.ones(1, 5), 5).shape == (1, 5)
+
+
+# -- validation ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"chunks": 0}, "attention.chunks"),
+        ({"chunks": True}, "attention.chunks"),
+        ({"placement": "spiral"}, "attention.placement"),
+        ({"group": "everyone"}, "attention.group"),
+        ({"timeout_s": 0}, "attention.timeout_s"),
+        ({"dilation_rates": [1, 2]}, "attention.dilation_rates"),
+        ({"segment_lengths": [0, 8, 16]}, "attention.segment_lengths"),
+        ({"seq_len": 0}, "data.seq_len"),
+        ({"num_heads": 2}, "model.n_head"),
+    ],
+)
+def test_bad_config_names_the_field(kw: dict, field: str) -> None:
+    args = {"num_heads": H, "head_dim": DH, "segment_lengths": [4, 8, 16], "dilation_rates": [1, 2, 4]}
+    args.update(kw)
+    with pytest.raises(ConfigError) as e:
+        build("ring_v2", **args)
+    assert e.value.field == field
+
+
+def test_sequence_shorter_than_world() -> None:
+    with pytest.raises(ConfigError, match="data.seq_len"):
+        D.check_shardable(3, 4)
+    with pytest.raises(ConfigError, match="data.seq_len"):
+        D.shard_sequence(torch.zeros(1, 3), 0, 4)
+
+
+def test_builds_from_the_yaml() -> None:
+    for name in ("ring_v2", "ring_v3"):
+        cfg = OmegaConf.load(CONF / f"{name}.yaml")
+        settings = {k: v for k, v in OmegaConf.to_container(cfg).items() if k not in ("name", "defaults")}
+        attn = build(cfg.name, num_heads=3, head_dim=4, cache=build_cache("local"), **settings)
+        assert attn.name == name and attn.chunks == 1 and attn.placement == "contiguous"
