@@ -99,21 +99,44 @@ def destroy_process_group() -> None:
 
 
 def init_context_parallel(
-    ranks: list[int] | None = None, timeout_s: float | None = None
+    size: int | None = None, timeout_s: float | None = None, dedicated: bool = True
 ) -> dist.ProcessGroup:
-    """Register the context-parallel group: the whole world (default) or a new group of ``ranks``.
+    """Register this rank's context-parallel group and return it.
 
-    Call it on every rank after the default group exists (e.g. after Lightning's strategy
-    set it up). ``new_group`` is collective, so with ``ranks`` every rank must call it.
+    ``size=None``: one group of all ranks. ``size=k``: the world is cut into groups of k
+    consecutive ranks (data parallel across groups, context parallel inside each); every
+    group is created on every rank, as ``new_group`` requires, and this rank's is registered.
+
+    Call it on every rank after the default group exists (e.g. once Lightning's strategy
+    has set it up): ``new_group`` is collective. ``dedicated`` (default) gives the ring its
+    own communicator even when it spans the whole world, so its send/recv never interleave
+    with other traffic on the default group, such as DDP's gradient all-reduce that runs
+    asynchronously during the same backward pass. ``dedicated=False`` with ``size=None``
+    reuses the default group.
     """
     global _timeout_s
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("init_context_parallel: no default process group; call init_process_group first")
     if timeout_s is not None:
         _timeout_s = float(timeout_s)
-    group = dist.group.WORLD if ranks is None else dist.new_group(ranks=list(ranks))
-    set_context_parallel_group(group)
+    world = dist.get_world_size()
+    if size is None and not dedicated:
+        group = dist.group.WORLD
+    else:
+        size = world if size is None else int(size)
+        if size < 1 or world % size:
+            raise ConfigError("hardware.cp_size", size, f"must divide the world size {world}")
+        timeout = datetime.timedelta(seconds=_timeout_s)
+        group = None
+        for start in range(0, world, size):
+            g = dist.new_group(ranks=list(range(start, start + size)), timeout=timeout)
+            if start <= dist.get_rank() < start + size:
+                group = g
     assert group is not None
+    # NCCL creates communicators lazily, and a first batch_isend_irecv that not every
+    # member joins (the ring skips transfers nobody needs) would wait for the absent ones.
+    dist.barrier(group=group)
+    set_context_parallel_group(group)
     return group
 
 

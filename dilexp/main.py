@@ -18,6 +18,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+import dilexp.sweep  # noqa: F401  (registers the resolvers the Hydra config uses, also for --cfg)
 from dilexp.errors import ConfigError
 from dilexp.tasks.context import JobContext, resolved
 
@@ -90,6 +91,14 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     from dilexp.telemetry.wandb_logger import finish_wandb
 
     ctx = JobContext.from_hydra()
+    if ctx.multirun and cfg.get("resume"):
+        from dilexp.sweep import kept_result
+
+        # +resume=true: a job completed earlier with the same overrides is not run again.
+        kept = kept_result(ctx.run_dir, ctx.sweep_dir, ctx.overrides)
+        if kept is not None:
+            _say(f"dilexp: kept (completed earlier): {ctx.run_dir}")
+            return kept
     if ctx.multirun and is_multiprocess(cfg):
         return _run_as_own_launch(ctx)
     child_rank = is_launched_rank()
@@ -109,6 +118,15 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         # Nothing ran: leave no half-made run folder behind.
         shutil.rmtree(ctx.run_dir, ignore_errors=True)
         sys.exit(2)
+    except Exception as e:
+        # Building can fail in ways no check foresees (an OOM while allocating the model):
+        # in a sweep that is this job's result, and the other jobs still run.
+        if not ctx.multirun or child_rank:
+            raise
+        RunRecord(ctx.run_dir, str(cfg.task.name), ctx.choices, ctx.overrides, resolved(cfg)).finish(
+            "failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=20))
+        _say(f"dilexp: job failed while building ({type(e).__name__}: {e}); record in {ctx.run_dir}")
+        return None
 
     # Only the launching rank keeps the record; the extra ranks share its folder.
     record = NoRecord() if child_rank else RunRecord(ctx.run_dir, str(cfg.task.name), ctx.choices, ctx.overrides,
@@ -130,8 +148,11 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
-def _hydra_main(cfg: DictConfig) -> None:
-    run_job(cfg)
+def _hydra_main(cfg: DictConfig) -> float | None:
+    from dilexp.sweep import objective
+
+    # A sweeper that optimises (hparams_search=...) reads `optimized_metric` from the return value.
+    return objective(cfg, run_job(cfg))
 
 
 def main() -> None:

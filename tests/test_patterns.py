@@ -154,3 +154,14 @@ def test_grouped_needs_a_head_per_pair() -> None:
     assert e.value.field == "model.n_head"
     # "all" puts every pair on every head, so one head is enough.
     assert len(DilatedPattern.from_config([4, 8, 16], [1, 2, 4], heads="all").branches(1)) == 3
+
+
+def test_sdpa_allowed_pairs_closed_form_matches_dense_mask() -> None:
+    from dilexp.attention import build
+
+    attn = build("sdpa", num_heads=3, head_dim=8)
+    for n in (1, 5, 16):
+        for causal in (False, True):
+            mult = attn.dense_multiplicity(n)
+            expected = int((torch.tril(mult) if causal else mult).sum())
+            assert attn.allowed_pairs(n, causal) == expected

@@ -26,19 +26,50 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _finite(x: torch.Tensor) -> torch.Tensor:
     """-inf (a row with no allowed key yet) -> 0, so exp(-inf - 0) = 0 instead of nan."""
-    return torch.where(torch.isneginf(x), torch.zeros_like(x), x)
+    return x.masked_fill(torch.isneginf(x), 0.0)
 
 
-def _gather(x: torch.Tensor, idx: torch.Tensor, heads: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """(B, N, H, D)[:, idx (S, L), heads] -> (B, S, L, h, D) in ``dtype``."""
+HeadSel = slice | torch.Tensor
+
+
+def _heads(x: torch.Tensor, heads: HeadSel) -> torch.Tensor:
+    """x[:, :, heads]: a view for a slice."""
+    return x[:, :, heads] if isinstance(heads, slice) else x.index_select(2, heads)
+
+
+def _gather(x: torch.Tensor, idx: torch.Tensor, heads: HeadSel, dtype: torch.dtype) -> torch.Tensor:
+    """(B, N, H, ...)[:, idx (S, L), heads] -> (B, S, h, L, ...) contiguous, in ``dtype``.
+
+    Positions first (index_select on the contiguous input is the fast path), then the heads
+    as a view. The (B, S, h) batch layout lets every matmul below run as a plain batched
+    GEMM and keeps the large (Lq, Lk) score tensors free of permute copies.
+    """
     s, slots = idx.shape
-    picked = x[:, idx.reshape(-1)[:, None], heads[None, :]]
-    return picked.to(dtype).unflatten(1, (s, slots))
+    picked = _heads(x.index_select(1, idx.reshape(-1)), heads).unflatten(1, (s, slots))
+    return picked.movedim(3, 2).to(dtype).contiguous()
 
 
-def _scores(qg: torch.Tensor, kg: torch.Tensor, mask: torch.Tensor, scale: float) -> torch.Tensor:
-    s = torch.einsum("bslhd,bsmhd->bhslm", qg, kg) * scale
-    return s.masked_fill(~mask, float("-inf"))
+def _rows(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+    """(B, S, h, L, ...) -> (B, M, h, ...): the real slots ``sel`` of the flattened (S, L)."""
+    x = x.movedim(2, 3)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:]).index_select(1, sel)
+
+
+def _probs(qg: torch.Tensor, kg: torch.Tensor, blocked: torch.Tensor, scale: float,
+           lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked softmax numerators exp(S - lse) and the lse used (the block's own when None), in place."""
+    scores = torch.matmul(qg, kg.transpose(-1, -2)).mul_(scale)
+    scores.masked_fill_(blocked, float("-inf"))
+    if lse is None:
+        lse = torch.logsumexp(scores, dim=-1)
+    return scores.sub_(_finite(lse).unsqueeze(-1)).exp_(), lse
+
+
+def _where(loc: torch.Tensor, heads: HeadSel) -> tuple:
+    """Index for x[:, loc, heads] as a (B, M, h, ...) block that can be read and written."""
+    if isinstance(heads, slice):
+        return (slice(None), loc, heads)
+    return (slice(None), loc[:, None], heads[None, :])
 
 
 def block_forward(
@@ -52,18 +83,12 @@ def block_forward(
 ) -> None:
     """Merge one block pair into ``out`` (B, Nq, H, D) and ``lse`` (B, Nq, H), both acc dtype."""
     acc = out.dtype
-    bsz, d = q.shape[0], q.shape[-1]
-    for heads, q_idx, k_idx, mask, q_sel, q_loc, _k_sel, _k_loc in pattern:
-        s_n, lq = q_idx.shape
-        h = heads.numel()
+    for heads, q_idx, k_idx, blocked, q_sel, q_loc, _k_sel, _k_loc in pattern:
         qg, kg, vg = _gather(q, q_idx, heads, acc), _gather(k, k_idx, heads, acc), _gather(v, k_idx, heads, acc)
-        scores = _scores(qg, kg, mask, scale)
-        m = torch.logsumexp(scores, dim=-1)
-        p = torch.exp(scores - _finite(m).unsqueeze(-1))
-        o = torch.einsum("bhslm,bsmhd->bslhd", p, vg)
-        o = o.reshape(bsz, s_n * lq, h, d).index_select(1, q_sel)
-        m = m.permute(0, 2, 3, 1).reshape(bsz, s_n * lq, h).index_select(1, q_sel)
-        where = (slice(None), q_loc[:, None], heads[None, :])
+        p, m = _probs(qg, kg, blocked, scale, None)
+        o = _rows(torch.matmul(p, vg), q_sel)
+        m = _rows(m, q_sel)
+        where = _where(q_loc, heads)
         old = lse[where]
         new = torch.logaddexp(old, m)
         ref = _finite(new)
@@ -86,25 +111,18 @@ def block_backward(
 ) -> None:
     """Add one block pair's share to ``dq`` (query shard) and ``dk``/``dv`` (key shard), acc dtype."""
     acc = dq.dtype
-    bsz, d = q.shape[0], q.shape[-1]
-    for heads, q_idx, k_idx, mask, q_sel, q_loc, k_sel, k_loc in pattern:
-        s_n, lq = q_idx.shape
-        lk = k_idx.shape[1]
-        h = heads.numel()
+    for heads, q_idx, k_idx, blocked, q_sel, q_loc, k_sel, k_loc in pattern:
         qg, kg, vg = _gather(q, q_idx, heads, acc), _gather(k, k_idx, heads, acc), _gather(v, k_idx, heads, acc)
         dog = _gather(dout, q_idx, heads, acc)
-        # Per-row statistics gathered like the queries: (B, S, Lq, h) -> (B, h, S, Lq).
-        rows = (slice(None), q_idx.reshape(-1)[:, None], heads[None, :])
-        m = lse[rows].unflatten(1, (s_n, lq)).permute(0, 3, 1, 2)
-        dl = delta[rows].unflatten(1, (s_n, lq)).permute(0, 3, 1, 2)
-        p = torch.exp(_scores(qg, kg, mask, scale) - _finite(m).unsqueeze(-1))
-        dvg = torch.einsum("bhslm,bslhd->bsmhd", p, dog)
-        ds = p * (torch.einsum("bslhd,bsmhd->bhslm", dog, vg) - dl.unsqueeze(-1))
-        dqg = torch.einsum("bhslm,bsmhd->bslhd", ds, kg) * scale
-        dkg = torch.einsum("bhslm,bslhd->bsmhd", ds, qg) * scale
+        # Per-row statistics gathered like the queries: (B, S, h, Lq).
+        p, _ = _probs(qg, kg, blocked, scale, _gather(lse, q_idx, heads, acc))
+        dl = _gather(delta, q_idx, heads, acc)
+        dvg = torch.matmul(p.transpose(-1, -2), dog)
+        ds = torch.matmul(dog, vg.transpose(-1, -2)).sub_(dl.unsqueeze(-1)).mul_(p)
+        dqg = torch.matmul(ds, kg).mul_(scale)
+        dkg = torch.matmul(ds.transpose(-1, -2), qg).mul_(scale)
         # Real slots map to distinct positions within a branch, so += cannot collide.
-        qw = (slice(None), q_loc[:, None], heads[None, :])
-        kw = (slice(None), k_loc[:, None], heads[None, :])
-        dq[qw] += dqg.reshape(bsz, s_n * lq, h, d).index_select(1, q_sel)
-        dk[kw] += dkg.reshape(bsz, s_n * lk, h, d).index_select(1, k_sel)
-        dv[kw] += dvg.reshape(bsz, s_n * lk, h, d).index_select(1, k_sel)
+        qw, kw = _where(q_loc, heads), _where(k_loc, heads)
+        dq[qw] += _rows(dqg, q_sel)
+        dk[kw] += _rows(dkg, k_sel)
+        dv[kw] += _rows(dvg, k_sel)

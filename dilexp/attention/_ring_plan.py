@@ -22,6 +22,7 @@ from functools import lru_cache
 
 import torch
 
+from dilexp.attention._kernels import heads_index
 from dilexp.distributed import Ranges, ranges_len, shard_bounds
 from dilexp.patterns.dilated import Branch
 
@@ -232,12 +233,14 @@ def _pad_by_segment(
 def build_block_pattern(
     branches: Sequence[Branch], q_unit: UnitMap, k_unit: UnitMap, causal: bool
 ) -> tuple[tuple[torch.Tensor, ...], ...]:
-    """Per non-empty branch: ``(heads, q_idx, k_idx, mask, q_sel, q_loc, k_sel, k_loc)``.
+    """Per non-empty branch: ``(heads, q_idx, k_idx, blocked, q_sel, q_loc, k_sel, k_loc)``.
 
-    - heads (h,): the branch's heads;
+    - heads: the branch's heads, a slice when they are evenly spaced (always, for the
+      dilated layouts: selecting them is then a view), else an int64 tensor;
     - q_idx (S, Lq) / k_idx (S, Lk): local indices of the selected queries / keys of each
       segment the two blocks share (padding slots point at 0 and are masked);
-    - mask (S, Lq, Lk): allowed (query slot, key slot), padding and the causal mask applied;
+    - blocked (S, 1, Lq, Lk): the (query slot, key slot) pairs *not* allowed (padding and the
+      causal mask included), shaped to broadcast over (B, S, h, Lq, Lk) scores;
     - q_sel / q_loc: flat slot numbers of the real query slots and their local indices
       (unique within a branch, so results can be written back with plain indexing);
       k_sel / k_loc the same for keys.
@@ -262,15 +265,16 @@ def build_block_pattern(
         live = mask.flatten(1).any(1)
         if not bool(live.any()):
             continue
-        q_idx, k_idx, mask = q_idx[live], k_idx[live], mask[live].contiguous()
+        q_idx, k_idx, blocked = q_idx[live], k_idx[live], (~mask[live]).unsqueeze(1).contiguous()
         q_valid, k_valid = q_valid[live], k_valid[live]
         q_sel = q_valid.reshape(-1).nonzero().squeeze(1)
         k_sel = k_valid.reshape(-1).nonzero().squeeze(1)
+        hsel = heads_index(br.heads)
         out.append((
-            torch.tensor(br.heads, dtype=torch.int64),
+            hsel if isinstance(hsel, slice) else torch.tensor(hsel, dtype=torch.int64),
             q_idx.contiguous(),
             k_idx.contiguous(),
-            mask,
+            blocked,
             q_sel,
             q_idx.reshape(-1)[q_sel].contiguous(),
             k_sel,

@@ -19,6 +19,30 @@ from dilexp.memory.base import MemoryPool
 from dilexp.patterns.block_sparse import BlockPlan, BlockSparsePattern
 
 
+class _GatherBlocks(torch.autograd.Function):
+    """``x.index_select(0, index)`` whose backward is a gather-sum (embedding_bag), not index_add_."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, bag_order: torch.Tensor,
+                bag_offsets: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(bag_order, bag_offsets)
+        ctx.shape = x.shape
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        bag_order, bag_offsets = ctx.saved_tensors
+        flat = grad.reshape(grad.shape[0], -1)
+        summed = F.embedding_bag(bag_order, flat, bag_offsets, mode="sum")
+        return summed.view(ctx.shape), None, None, None
+
+
+def gather_blocks(x: torch.Tensor, index: torch.Tensor, bag_order: torch.Tensor,
+                  bag_offsets: torch.Tensor) -> torch.Tensor:
+    """Blocks ``x[index]`` along dim 0; ``bag_index(index, len(x))`` gives the two bag tensors."""
+    return _GatherBlocks.apply(x, index, bag_order, bag_offsets)
+
+
 @register("block_sparse")
 class BlockSparseAttention(Attention):
     """Local window + dilated + global blocks; see ``BlockSparsePattern`` for the semantics."""
@@ -38,11 +62,15 @@ class BlockSparseAttention(Attention):
         check_dims(num_heads, head_dim)
         self.pattern = BlockSparsePattern.from_config(block_size, local_blocks, dilation, global_blocks, sparsity)
         super().__init__(num_heads, head_dim, cache=cache, pool=pool)
+        self._strides: dict[tuple[BlockSparsePattern, int], int] = {}
 
     def _key(self, n: int, causal: bool) -> tuple:
         p = self.pattern
-        # The resolved stride, not `sparsity`, is what the plan depends on.
-        return ("block_sparse", n, p.block_size, p.local_blocks, p.resolved_dilation(n), p.global_blocks, causal)
+        # The resolved stride, not `sparsity`, is what the plan depends on. Resolving it is a
+        # search over strides: remembered per length, or every cache hit would pay for it.
+        if (p, n) not in self._strides:
+            self._strides[(p, n)] = p.resolved_dilation(n)
+        return ("block_sparse", n, p.block_size, p.local_blocks, self._strides[(p, n)], p.global_blocks, causal)
 
     def plan(self, n: int, causal: bool, device: torch.device | str) -> BlockPlan:
         """The cached gather plan for length ``n`` on ``device``."""
@@ -58,7 +86,7 @@ class BlockSparseAttention(Attention):
         b, n, h, d = q.shape
         bs = self.pattern.block_size
         nb = self.pattern.num_blocks(n)
-        inverse, buckets = self.plan(n, causal, q.device)
+        perm, inv, buckets = self.plan(n, causal, q.device)
 
         # Token-major blocks (nb, bs, B*H, D): the CPU flash kernel works in (batch, L, heads, D)
         # memory order, so with query blocks as its batch and B*H as its heads the gathered
@@ -71,21 +99,30 @@ class BlockSparseAttention(Attention):
             return t.view(nb, bs, b * h, d)
 
         qb, kb, vb = blocks(q), blocks(k), blocks(v)
-        outs = []
-        for rows, cols, mask in buckets:
+        if perm is not None:
+            # One gather puts the query blocks in bucket order; each bucket is then a slice.
+            # A permutation's bags hold one block each: offsets 0..nb-1.
+            one_each = torch.arange(nb, device=q.device)
+            qb = gather_blocks(qb, perm, inv, one_each)
+        outs, start = [], 0
+        for _rows, cols, mask, bag_order, bag_offsets in buckets:
             r, width = cols.shape
             flat = cols.reshape(-1)
-            # index_select's backward is an index_add, cheaper than advanced indexing's.
-            kg = kb.index_select(0, flat).view(r, width * bs, b * h, d).transpose(1, 2)
-            vg = vb.index_select(0, flat).view(r, width * bs, b * h, d).transpose(1, 2)
-            qg = qb.index_select(0, rows).transpose(1, 2)
+            kg = gather_blocks(kb, flat, bag_order, bag_offsets).view(r, width * bs, b * h, d).transpose(1, 2)
+            vg = gather_blocks(vb, flat, bag_order, bag_offsets).view(r, width * bs, b * h, d).transpose(1, 2)
+            qg = qb[start:start + r].transpose(1, 2)
+            start += r
             m = None if mask is None else mask.unsqueeze(1)
             outs.append(F.scaled_dot_product_attention(qg, kg, vg, attn_mask=m).transpose(1, 2))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
-        if inverse is not None:
-            out = out.index_select(0, inverse)
+        if perm is not None:
+            out = gather_blocks(out, inv, perm, one_each)
         out = out.reshape(nb * bs, b, h, d)[:n]
         return out.permute(1, 0, 2, 3).contiguous()
+
+    def allowed_pairs(self, n: int, causal: bool) -> int:
+        # Closed form, so benchmarks can count useful FLOPs at any N without an N x N mask.
+        return self.num_heads * self.pattern.allowed_pairs(n, causal)
 
     def dense_multiplicity(self, n: int) -> torch.Tensor:
         return self.pattern.dense_multiplicity(n, self.num_heads)

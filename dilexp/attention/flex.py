@@ -14,9 +14,11 @@ over "virtual heads" with one BlockMask row per virtual head: one compiled kerne
 heads="all": each head is every (w_i, r_i) pair, so it becomes m virtual heads in compact
 order whose outputs are merged by their log-sum-exps ("lse" mode). Compiled flex on CPU
 cannot return the lse (torch 2.13), so there the union is computed in one call over the
-natural order with a score_mod adding log(multiplicity) ("natural" mode): exact, but with
-the partial blocks described above (the price is about r_max / m for LongNet-style configs,
-where w_i / r_i is constant and the largest segment's diagonal covers the others).
+natural order with a score_mod adding log(multiplicity) ("natural" mode): exact, but every
+block on the largest segment's diagonal is visited, nearly all of them partial, so it is
+slow (N = 4096, H = 8, segments [1024, 2048, 4096], rates [1, 2, 4]: about 2.5x slower than
+sdpa on CPU) and warns once. Measured for one (2048, 4) pair at N = 4096: the natural order
+visits 16x the useful entries and runs about 8x slower than the compact order.
 
 BlockMasks are built from closed-form block tables (``BlockMask.from_kv_blocks``), not by
 evaluating the mask_mod on all N x N entries (``create_block_mask`` takes seconds and GBs at
@@ -27,11 +29,12 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 from dilexp.attention._kernels import check_dims
 from dilexp.attention.base import Attention
@@ -63,32 +66,34 @@ def no_cpu_backward_message() -> str:
 
 # mask_mod / score_mod factories. The mods only read tensors they close over, so every
 # plan shares one traced graph (and one compiled kernel) whatever its sizes and offsets.
-def _compact_mods(seg_len: torch.Tensor, valid: torch.Tensor, causal: torch.Tensor) -> tuple[Callable, None]:
+# They look segments up in per-slot tables instead of computing p // w and p % w: integer
+# division per score entry made the natural-order path 4x slower on CPU.
+def _compact_mods(seg_ids: torch.Tensor, causal: torch.Tensor) -> tuple[Callable, None]:
+    """seg_ids (V, Np): run (segment) of each compact slot of each virtual head, -1 for padding."""
+
     def mask_mod(b, h, q_idx, kv_idx):
-        run = seg_len[h]
-        ok = (q_idx // run == kv_idx // run) & (q_idx < valid[h]) & (kv_idx < valid[h])
-        return ok & ((q_idx >= kv_idx) | ~causal)
+        s_q = seg_ids[h, q_idx]
+        return (s_q == seg_ids[h, kv_idx]) & (s_q >= 0) & ((q_idx >= kv_idx) | ~causal)
 
     return mask_mod, None
 
 
 def _natural_mods(
-    seg: torch.Tensor, rate: torch.Tensor, offset: torch.Tensor, log_count: torch.Tensor,
-    n: torch.Tensor, causal: torch.Tensor,
+    seg_ids: torch.Tensor, log_count: torch.Tensor, causal: torch.Tensor
 ) -> tuple[Callable, Callable]:
-    num_pairs = seg.shape[0]
+    """seg_ids (m, H, Np): segment of each position for each pair and head, -1 if unselected."""
+    num_pairs = seg_ids.shape[0]
 
     def count(h, q_idx, kv_idx):
         total = None
         for i in range(num_pairs):  # unrolled when traced: the pair count is fixed by the config
-            w, r, o = seg[i], rate[i], offset[h, i]
-            hit = (q_idx // w == kv_idx // w) & ((q_idx % w) % r == o) & ((kv_idx % w) % r == o)
-            total = hit.to(torch.int64) if total is None else total + hit.to(torch.int64)
+            s_q = seg_ids[i, h, q_idx]
+            hit = (s_q == seg_ids[i, h, kv_idx]) & (s_q >= 0)
+            total = hit.to(torch.int32) if total is None else total + hit.to(torch.int32)
         return total
 
     def mask_mod(b, h, q_idx, kv_idx):
-        ok = (count(h, q_idx, kv_idx) > 0) & (q_idx < n) & (kv_idx < n)
-        return ok & ((q_idx >= kv_idx) | ~causal)
+        return (count(h, q_idx, kv_idx) > 0) & ((q_idx >= kv_idx) | ~causal)
 
     def score_mod(score, b, h, q_idx, kv_idx):
         # A key selected by c pairs counts c times (DESIGN section 3): + log c.
@@ -213,8 +218,6 @@ def build_compact_plan(
     inv = torch.zeros(v, n, dtype=torch.int64)
     sel = torch.zeros(v, n, dtype=torch.bool)
     seg_id = torch.full((v, npad), -1, dtype=torch.int64)
-    run = torch.ones(v, dtype=torch.int64)
-    valid = torch.zeros(v, dtype=torch.int64)
     num_segments = 1
     for j, (w, r, o) in enumerate(vheads):
         idx, ok = segment_positions(n, w, r, o)
@@ -226,13 +229,12 @@ def build_compact_plan(
         inv[j, pos] = torch.arange(m)
         sel[j, pos] = True
         seg_id[j, :m] = torch.arange(m) // per_seg
-        run[j], valid[j] = per_seg, m
         num_segments = max(num_segments, idx.shape[0])
     touched, full = _block_tables(seg_id, num_segments, block_size, causal)
     block_mask = _block_mask(touched, full, npad, block_size)
     kind = "compact" if pattern.heads == "grouped" else "lse"
     heads = torch.tensor([j % num_heads for j in range(v)], dtype=torch.int64)
-    mods = (run, valid, torch.tensor(causal))
+    mods = (seg_id.to(torch.int32), torch.tensor(causal))
     return FlexPlan(kind, block_mask, mods, perm, inv, sel, heads).to(device)
 
 
@@ -244,21 +246,19 @@ def build_natural_plan(
     pos = torch.arange(npad)
     touched = torch.zeros(num_heads, npad // block_size, npad // block_size, dtype=torch.bool)
     full = torch.zeros_like(touched)
-    offsets = torch.zeros(num_heads, pattern.num_pairs, dtype=torch.int64)
+    seg_ids = torch.full((pattern.num_pairs, num_heads, npad), -1, dtype=torch.int32)
     for i, (w, r) in enumerate(zip(pattern.segment_lengths, pattern.dilation_rates, strict=True)):
         w = min(w, n)
         o = torch.arange(num_heads) % r
-        offsets[:, i] = o
         chosen = ((pos % w) % r == o[:, None]) & (pos < n)
         seg_id = torch.where(chosen, pos // w, -1)
+        seg_ids[i] = seg_id.to(torch.int32)
         t, f = _block_tables(seg_id, -(-n // w), block_size, causal)
         touched |= t
         full |= f
     block_mask = _block_mask(touched, full, npad, block_size)
-    seg = torch.tensor([min(w, n) for w in pattern.segment_lengths], dtype=torch.int64)
-    rate = torch.tensor(pattern.dilation_rates, dtype=torch.int64)
     log_count = torch.log(torch.arange(pattern.num_pairs + 1, dtype=torch.float32))
-    mods = (seg, rate, offsets, log_count, torch.tensor(n), torch.tensor(causal))
+    mods = (seg_ids, log_count, torch.tensor(causal))
     return FlexPlan("natural", block_mask, mods).to(device)
 
 
@@ -304,6 +304,14 @@ class FlexDilatedAttention(Attention):
         key = ("flex", mode, n, p.segment_lengths, p.dilation_rates, p.offsets, p.heads,
                self.num_heads, self.block_size, causal)
         build = build_natural_plan if mode == "natural" else build_compact_plan
+        if mode == "natural":
+            # Python shows this once per process: it explains a slow run, it is not an error.
+            warnings.warn(
+                f"flex heads='all' on {torch.device(device).type}: compiled flex cannot return the "
+                f"log-sum-exp here (torch {torch.__version__}), so the pairs run in natural token order "
+                "with partial blocks; exact but slow. Use attention=improved for speed.",
+                stacklevel=2,
+            )
         dev = torch.device(device)
         return self.cache.get_or_build(
             key, lambda: build(p, self.num_heads, n, self.block_size, causal, dev), device
@@ -334,7 +342,8 @@ class FlexDilatedAttention(Attention):
         idx = (slice(None), plan.heads[:, None], plan.perm)
         qv, kv, vv = qt[idx], kt[idx], vt[idx]
         if plan.kind == "lse":
-            o, lse = kernel(qv, kv, vv, block_mask=plan.block_mask, scale=scale, return_lse=True)
+            o, aux = kernel(qv, kv, vv, block_mask=plan.block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+            lse = aux.lse
         else:
             o = kernel(qv, kv, vv, block_mask=plan.block_mask, scale=scale)
         nv = plan.inv.shape[0]

@@ -64,9 +64,17 @@ class Piece:
 
 @dataclass(frozen=True)
 class BranchPlan:
+    """One branch: its heads, the pieces it computes, and the views it leaves unselected."""
+
     heads: slice
     rate: int
     pieces: tuple[Piece, ...]
+    blanks: tuple[Piece, ...]
+
+
+# Past this many strided fills, one fill over the branch's heads is cheaper than skipping
+# the selected positions.
+_MAX_BLANK_VIEWS = 8
 
 
 def plan_branches(pattern: DilatedPattern, n: int, num_heads: int) -> tuple[BranchPlan, ...]:
@@ -77,14 +85,18 @@ def plan_branches(pattern: DilatedPattern, n: int, num_heads: int) -> tuple[Bran
         heads = heads_index(b.heads)
         if not isinstance(heads, slice):  # the pattern's layouts always give a progression
             raise RuntimeError(f"improved: heads {b.heads} of a branch are not a strided range")
-        pieces = []
         full = n // w
-        if full and o < w:
-            pieces.append(Piece(0, full, w, o, r, -(-(w - o) // r)))
         tail = n - full * w
-        if tail > o:
-            pieces.append(Piece(full * w, 1, tail, o, r, -(-(tail - o) // r)))
-        plans.append(BranchPlan(heads, r, tuple(pieces)))
+        # (base, segments, segment length) of the full segments and of the ragged tail.
+        regions = [reg for reg in ((0, full, w), (full * w, 1, tail)) if reg[1] and reg[2]]
+        pieces, blanks = [], []
+        for base, segs, length in regions:
+            for off in range(min(r, length)):
+                piece = Piece(base, segs, length, off, r, -(-(length - off) // r))
+                (pieces if off == o else blanks).append(piece)
+        if len(blanks) > _MAX_BLANK_VIEWS:
+            blanks = [Piece(0, 1, n, 0, 1, n)]
+        plans.append(BranchPlan(heads, r, tuple(pieces), tuple(blanks)))
     return tuple(plans)
 
 
@@ -114,7 +126,7 @@ class _FlashCPU(torch.autograd.Function):
 
     One node instead of a chain of view/copy nodes matters: autograd would otherwise give
     every branch a full-size zero gradient for q, k and v and sum them, which on CPU costs
-    about a third of the whole step (fresh pages for each buffer).
+    a large share of the step (fresh pages for every buffer).
 
     ``merge`` (heads="all"): branch outputs are merged in place by their log-sum-exps.
     Backward then calls the kernel's backward with the *merged* output and log-sum-exp
@@ -140,22 +152,24 @@ class _FlashCPU(torch.autograd.Function):
         bsz, n, h, d = q.shape
         acc = lse_dtype(q.dtype) if merge else q.dtype
         out = pool.empty((bsz, n, h, d), acc, q.device)
-        lse = pool.empty((bsz, n, h), lse_dtype(q.dtype), q.device)
         _zero_uncovered(out, plans, merge)
-        if merge:
-            lse.fill_(lse_floor(lse.dtype))
+        # Merging needs a running log-sum-exp per (position, head); without merging each
+        # piece's own lse is what its backward needs, kept in the kernel's layout.
+        lse = pool.empty((bsz, n, h), acc, q.device).fill_(lse_floor(acc)) if merge else None
+        piece_lse: list[torch.Tensor] = []
         flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         for plan in plans:
             for p in plan.pieces:
                 qv, kv, vv = (_to_kernel(p.view(x, plan.heads)) for x in (q, k, v))
                 o_p, l_p = flash(qv, kv, vv, 0.0, causal, scale=scale)
-                o_p = _from_kernel(o_p, bsz)
-                l_p = _from_kernel(l_p.to(lse.dtype), bsz)
-                out_v, lse_v = p.view(out, plan.heads), p.view(lse, plan.heads)
-                if not merge:
-                    out_v.copy_(o_p)
-                    lse_v.copy_(l_p)
+                out_v = p.view(out, plan.heads)
+                if lse is None:
+                    out_v.copy_(_from_kernel(o_p, bsz))
+                    piece_lse.append(l_p)
                     continue
+                o_p = _from_kernel(o_p, bsz)
+                l_p = _from_kernel(l_p.to(acc), bsz)
+                lse_v = p.view(lse, plan.heads)
                 new = torch.logaddexp(lse_v, l_p)
                 out_v.mul_(torch.exp(lse_v - new).unsqueeze(-1))
                 out_v.add_(o_p.to(acc) * torch.exp(l_p - new).unsqueeze(-1))
@@ -163,15 +177,16 @@ class _FlashCPU(torch.autograd.Function):
         result = out if acc == q.dtype else out.to(q.dtype)
         if result is not out:
             pool.release(out)
-        ctx.save_for_backward(q, k, v, result, lse)
+        ctx.save_for_backward(q, k, v, result, *([lse] if merge else piece_lse))
         ctx.plans, ctx.causal, ctx.scale, ctx.merge, ctx.pool = plans, causal, scale, merge, pool
         return result
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, *lses = ctx.saved_tensors
         bsz = q.shape[0]
+        piece_lse = iter(lses)
         grads = [ctx.pool.empty(q.shape, q.dtype, q.device) for _ in range(3)]
         for g in grads:
             _zero_uncovered(g, ctx.plans, ctx.merge)
@@ -179,8 +194,11 @@ class _FlashCPU(torch.autograd.Function):
         for plan in ctx.plans:
             for p in plan.pieces:
                 qv, kv, vv, ov, gv = (_to_kernel(p.view(x, plan.heads)) for x in (q, k, v, out, grad))
-                # The kernel reads lse as one contiguous (B*S, Hb, c) block.
-                lv = p.view(lse, plan.heads).flatten(0, 1).transpose(1, 2).contiguous()
+                if ctx.merge:
+                    # The kernel reads lse as one contiguous (B*S, Hb, c) block.
+                    lv = p.view(lses[0], plan.heads).flatten(0, 1).transpose(1, 2).contiguous()
+                else:
+                    lv = next(piece_lse)
                 parts = flash_bwd(gv, qv, kv, vv, ov, lv, 0.0, ctx.causal, scale=ctx.scale)
                 for g_full, g_part in zip(grads, parts, strict=True):
                     target = p.view(g_full, plan.heads)
@@ -192,14 +210,14 @@ class _FlashCPU(torch.autograd.Function):
 
 
 def _zero_uncovered(x: torch.Tensor, plans: tuple[BranchPlan, ...], merge: bool) -> None:
-    """Zero what the pieces will not fully overwrite: all of it when they accumulate,
-    else only the heads of branches with r > 1 (a rate-1 branch writes every position)."""
+    """Zero what the pieces will not overwrite: all of it when they accumulate, else only
+    the positions no piece of a head selects (there are none for a rate-1 branch)."""
     if merge:
         x.zero_()
         return
     for plan in plans:
-        if plan.rate > 1:
-            x[:, :, plan.heads].zero_()
+        for blank in plan.blanks:
+            blank.view(x, plan.heads).zero_()
 
 
 @register("improved")

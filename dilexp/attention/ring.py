@@ -86,6 +86,11 @@ class _Runner:
         lay = self.layout
         return self.attn.block_pattern(lay.q_units[a], lay.kv_units[j][b], self.causal, self.device)
 
+    def _release(self, buf: torch.Tensor | None, mine: torch.Tensor) -> None:
+        """Give a receive buffer back to the pool once its transfers are complete."""
+        if buf is not None and buf is not mine:
+            self.attn.pool.release(buf)
+
     def _count(self, j: int) -> None:
         total = self.layout.pairs_per_step(j)
         self.attn._stats["steps"] += total
@@ -103,7 +108,7 @@ class _Runner:
         if t + 1 <= lay.maxdist[nxt]:
             shape = list(like.shape)
             shape[2] = lay.shard_len(nxt)
-            buf = like.new_empty(shape)
+            buf = self.attn.pool.empty(tuple(shape), like.dtype, like.device)
             recvs.append((buf, comm.prev, TAG_KV))
         return comm.start(sends, recvs, f"K/V transfer at step {t}"), buf
 
@@ -132,7 +137,8 @@ class _Runner:
             if cur is not None:
                 for a, b in lay.pairs[j]:
                     block_forward(q, cur[0], cur[1], self.pattern(j, a, b), scale, out, lse)
-            self.comm.wait(pending)
+            self.comm.wait(pending)  # also completes the send of ``cur``
+            self._release(cur, kv)
             cur = buf
         self.attn._stats["bytes_sent"] += self.comm.bytes_sent
         self.comm.bytes_sent = 0
@@ -179,6 +185,7 @@ class _Runner:
                 if incoming is not None:  # what the ranks between the owner and this one added
                     comm.wait(incoming[0])
                     dkv += incoming[1]
+                    self._release(incoming[1], kv)
                     incoming = None
             sends, recvs = [], []
             if dkv is not None:
@@ -191,11 +198,11 @@ class _Runner:
             nxt = (r - t - 1) % world
             nxt_buf = fin_buf = None
             if t >= 1 and t + 1 <= lay.maxdist[nxt]:
-                nxt_buf = torch.empty((2, kv.shape[1], lay.shard_len(nxt), *kv.shape[3:]), dtype=acc,
-                                      device=kv.device)
+                nxt_buf = self.attn.pool.empty((2, kv.shape[1], lay.shard_len(nxt), *kv.shape[3:]), acc,
+                                               kv.device)
                 recvs.append((nxt_buf, comm.prev, TAG_DKV))
             if lay.maxdist[r] >= 1 and t == lay.maxdist[r]:
-                fin_buf = torch.empty((2, *kv.shape[1:]), dtype=acc, device=kv.device)
+                fin_buf = self.attn.pool.empty((2, *kv.shape[1:]), acc, kv.device)
                 recvs.append((fin_buf, (r + lay.maxdist[r]) % world, TAG_FINAL))
             pending = comm.start(sends, recvs, f"dK/dV transfer at step {t}")
             if nxt_buf is not None:
@@ -204,12 +211,14 @@ class _Runner:
                 final = (pending, fin_buf)
             outstanding.append(pending)
             comm.wait(kv_pending)
+            self._release(cur, kv)
             cur = buf
         for p in outstanding:  # sends must finish before their buffers go away
             comm.wait(p)
         assert own is not None
         if final is not None:
             own += final[1]
+            self._release(final[1], kv)
         self.attn._stats["bytes_sent"] += comm.bytes_sent
         comm.bytes_sent = 0
         return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype)
@@ -218,7 +227,9 @@ class _Runner:
 class _RingFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runner: _Runner) -> torch.Tensor:
-        out, lse = runner.forward(q, k, v)
+        # Autocast would run the fp32 score/merge einsums in bf16 and lose the exactness.
+        with torch.autocast(q.device.type, enabled=False):
+            out, lse = runner.forward(q, k, v)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.runner = runner
         return out
@@ -227,7 +238,8 @@ class _RingFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = ctx.runner.backward(q, k, v, out, lse, dout.contiguous())
+        with torch.autocast(q.device.type, enabled=False):
+            dq, dk, dv = ctx.runner.backward(q, k, v, out, lse, dout.contiguous())
         return dq, dk, dv, None
 
 
@@ -261,8 +273,9 @@ class RingDilatedAttention(Attention):
         if not (group is None or group == "world" or isinstance(group, dist.ProcessGroup)):
             raise ConfigError("attention.group", group,
                               "must be null (the registered context-parallel group), 'world' or a ProcessGroup")
-        if timeout_s is not None and (isinstance(timeout_s, bool) or not float(timeout_s) > 0):
-            raise ConfigError("attention.timeout_s", timeout_s, "must be > 0 seconds")
+        if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
+                                      or not timeout_s > 0):
+            raise ConfigError("attention.timeout_s", timeout_s, "must be a number of seconds > 0")
         if cache is None:
             from dilexp.cache import build_cache
 

@@ -38,3 +38,8 @@ class SDPAttention(Attention):
 
     def dense_multiplicity(self, n: int) -> torch.Tensor:
         return torch.ones(self.num_heads, n, n, dtype=torch.int64)
+
+    def allowed_pairs(self, n: int, causal: bool) -> int:
+        # Closed form: the dense mask would be H * N^2 integers (17 GB at N = 16K).
+        per_head = n * (n + 1) // 2 if causal else n * n
+        return self.num_heads * per_head

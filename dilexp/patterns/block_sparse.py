@@ -130,6 +130,18 @@ class BlockSparsePattern:
         """(H, N, N) int64 0/1: the oracle's mask, the same for every head."""
         return self.dense_mask(n).to(torch.int64).unsqueeze(0).expand(num_heads, n, n).contiguous()
 
+    def allowed_pairs(self, n: int, causal: bool) -> int:
+        """Allowed query-key pairs of one head, from the block layout (no dense mask: any N)."""
+        layout = self.block_layout(n)
+        nb = layout.shape[0]
+        sizes = torch.full((nb,), self.block_size, dtype=torch.int64)
+        sizes[-1] = n - (nb - 1) * self.block_size
+        area = sizes[:, None] * sizes[None, :]
+        if causal:
+            # Below the diagonal every pair counts; on it, the lower triangle with the diagonal.
+            area = torch.tril(area, diagonal=-1) + torch.diag(sizes * (sizes + 1) // 2)
+        return int((area * layout).sum())
+
     def plan(self, n: int, causal: bool) -> BlockPlan:
         """What the kernel computes at length ``n``: see ``BlockPlan``."""
         return build_plan(self.block_layout(n), n, self.block_size, causal)
@@ -137,8 +149,21 @@ class BlockSparsePattern:
 
 # A plan is stored as plain tuples of tensors so that every cache strategy can move it
 # between devices and count its bytes without knowing its type.
-BlockBucket = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
-BlockPlan = tuple[torch.Tensor | None, tuple[BlockBucket, ...]]
+BlockBucket = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]
+BlockPlan = tuple[torch.Tensor | None, torch.Tensor | None, tuple[BlockBucket, ...]]
+
+
+def bag_index(index: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, offsets) that turn the scatter-add ``zeros(size, X).index_add_(0, index, g)``
+    into ``embedding_bag(order, g, offsets, mode="sum")``: a gather-sum.
+
+    The backward of a gather is a scatter-add, and index_add_ on CPU is several times
+    slower than embedding_bag's gather-sum (measured in the block_sparse benchmark).
+    """
+    order = torch.argsort(index, stable=True)
+    counts = torch.bincount(index, minlength=size)
+    offsets = torch.cumsum(counts, 0) - counts
+    return order, offsets
 
 
 def _split_rows(counts: torch.Tensor) -> list[int]:
@@ -175,12 +200,13 @@ def _split_rows(counts: torch.Tensor) -> list[int]:
 def build_plan(layout: torch.Tensor, n: int, block_size: int, causal: bool) -> BlockPlan:
     """Turn a (nb, nb) block layout into gather indices and token masks for batched attention.
 
-    Returns ``(inverse, buckets)``. Each bucket is ``(rows, cols, mask)``: ``rows`` (R,) query
-    blocks, ``cols`` (R, K) the key blocks each one gathers (padded with the row's own
-    block), ``mask`` (R, block_size, K * block_size) bool or None when everything is
-    allowed. Rows are grouped by how many key blocks they need so that a few global rows
-    do not pad every other row to the full sequence. ``inverse`` (nb,) puts the bucket
-    outputs, concatenated, back into block order; None when they already are.
+    Rows are grouped into buckets by how many key blocks they need, so that a few global
+    rows do not pad every other row to the full sequence. Returns ``(perm, inv, buckets)``:
+    ``perm`` (nb,) the query blocks in bucket order and ``inv`` its inverse (both None when
+    that is block order). Each bucket is ``(rows, cols, mask, bag_order, bag_offsets)``:
+    ``rows`` (R,) its query blocks, ``cols`` (R, K) the key blocks each one gathers (padded
+    with the row's own block), ``mask`` (R, block_size, K * block_size) bool, or None when
+    everything is allowed, and ``bag_index(cols.flatten(), nb)`` for the backward.
     """
     nb = layout.shape[0]
     if causal:
@@ -209,7 +235,8 @@ def build_plan(layout: torch.Tensor, n: int, block_size: int, causal: bool) -> B
         if causal:
             mask = mask & (k_pos[:, None, :] <= q_pos[:, :, None])
         mask = None if bool(mask.all()) else mask.contiguous()
-        buckets.append((rows.contiguous(), cols.contiguous(), mask))
-    cat = torch.cat([b[0] for b in buckets])
-    inverse = None if torch.equal(cat, torch.arange(nb)) else torch.argsort(cat)
-    return inverse, tuple(buckets)
+        buckets.append((rows.contiguous(), cols.contiguous(), mask, *bag_index(cols.flatten(), nb)))
+    perm = torch.cat([b[0] for b in buckets])
+    if torch.equal(perm, torch.arange(nb)):
+        return None, None, tuple(buckets)
+    return perm, torch.argsort(perm), tuple(buckets)

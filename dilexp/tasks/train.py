@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import math
+from datetime import timedelta
 from typing import Any
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig
 
+from dilexp.attention.ring import ring_stats
 from dilexp.cache import pregenerate_patterns
 from dilexp.data import build_datamodule
 from dilexp.errors import ConfigError
 from dilexp.models import GPT, masked_cross_entropy
 from dilexp.tasks.components import apply_hardware, build_model, compute_device
 from dilexp.tasks.context import JobContext, resolved
+from dilexp.tasks.context_parallel import ContextParallel
 from dilexp.telemetry.callbacks import Telemetry
 from dilexp.telemetry.record import RunRecord
 from dilexp.telemetry.wandb_logger import SafeWandbLogger, make_wandb_logger, wandb_mode
@@ -26,31 +30,58 @@ class LMModule(L.LightningModule):
     """Next-token training of a GPT on masked targets (all tokens for text, answers for recall)."""
 
     def __init__(self, model: GPT, lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int,
-                 max_steps: int, min_lr_ratio: float) -> None:
+                 max_steps: int, min_lr_ratio: float, context_parallel: ContextParallel | None = None) -> None:
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.betas = lr, weight_decay, betas
         self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
+        self.cp = context_parallel
+
+    def setup(self, stage: str) -> None:
+        if self.cp is not None:
+            self.cp.setup(self.model, self.device)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
+    def _loss_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sum of masked losses, correct answers, answer count) of this rank's tokens.
+
+        Under context parallelism every rank holds the same batch and runs its shard of the
+        sequence; the count is the whole batch's, so the shards' sums add up to the mean.
+        """
+        ids, targets, mask = batch["input_ids"], batch["targets"], batch["loss_mask"]
+        count = mask.sum().clamp_min(1).to(torch.float32)
+        positions = None
+        if self.cp is not None:
+            ids, targets, mask, positions = self.cp.shard(ids, targets, mask)
+        logits = self.model(ids, positions)
+        loss_sum = masked_cross_entropy(logits, targets, mask) * mask.sum().clamp_min(1)
+        correct = ((logits.argmax(-1) == targets) & mask).sum().to(torch.float32)
+        return loss_sum, correct, count
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self.model(batch["input_ids"])
-        loss = masked_cross_entropy(logits, batch["targets"], batch["loss_mask"])
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        loss_sum, _, count = self._loss_terms(batch)
+        loss = loss_sum / count
+        self.log("train/loss", self._whole(loss), prog_bar=True, on_step=True, on_epoch=False)
+        if self.cp is not None:
+            # DDP averages gradients over the ranks; the shards' gradients must add up instead.
+            loss = loss * self.cp.world
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        logits = self.model(batch["input_ids"])
-        mask = batch["loss_mask"]
-        loss = masked_cross_entropy(logits, batch["targets"], mask)
-        correct = ((logits.argmax(-1) == batch["targets"]) & mask).sum()
-        acc = correct.float() / mask.sum().clamp_min(1)
+        loss_sum, correct, count = self._loss_terms(batch)
         n = float(batch["input_ids"].shape[0])
-        self.log("val/loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
-        self.log("val/acc", acc, batch_size=n, sync_dist=True)
+        # Under cp the shards' sums are summed first; then data-parallel ranks are averaged.
+        self.log("val/loss", self._whole(loss_sum / count), prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("val/acc", self._whole(correct / count), batch_size=n, sync_dist=True)
+
+    def _whole(self, part: torch.Tensor) -> torch.Tensor:
+        """The whole sequence's value of a per-shard share (the share itself without cp)."""
+        if self.cp is None:
+            return part.detach()
+        return self.cp.sum(part.detach())
 
     def on_validation_epoch_end(self) -> None:
         loss = self.trainer.callback_metrics.get("val/loss")
@@ -106,7 +137,18 @@ class Prepared:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         self.model, self.parts = build_model(cfg, self.data.vocab_size)
         self.seq_len = int(cfg.data.seq_len)
-        pregenerate_patterns(self.model.attention_modules(), self.seq_len, self.device)
+        self.cp = ContextParallel.from_config(cfg, self.seq_len)
+        if self.cp is None:
+            # Under cp the patterns depend on the shard layout: they are built once the group exists.
+            pregenerate_patterns(self.model.attention_modules(), self.seq_len, self.device)
+
+
+def strategy(hw: DictConfig) -> Any:
+    """DDP with the configured process-group timeout: a dead or hung rank ends in an error."""
+    name = str(hw.get("strategy", "auto"))
+    if name == "ddp":
+        return DDPStrategy(timeout=timedelta(seconds=float(hw.get("timeout_s", 1800))))
+    return name
 
 
 def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunRecord) -> dict[str, Any]:
@@ -115,7 +157,7 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
     model = prepared.model
     lm = LMModule(model, lr=float(t.lr), weight_decay=float(t.weight_decay), betas=tuple(t.betas),
                   warmup_steps=int(t.warmup_steps), max_steps=int(t.max_steps),
-                  min_lr_ratio=float(t.min_lr_ratio))
+                  min_lr_ratio=float(t.min_lr_ratio), context_parallel=prepared.cp)
 
     loggers: list[Any] = []
     if "csv" in cfg.logger:
@@ -133,6 +175,8 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
         every=int(t.log_every_n_steps), tokens_per_step=tokens,
         flops_per_step=train_flops_per_step(model, prepared.seq_len, int(t.batch_size)),
         caches=lambda: prepared.parts.caches, pool=prepared.parts.pool,
+        extra=lambda: {f"ring/{k}": v for k, v in ring_stats(model).items()},
+        data_parallel=prepared.cp is None,
     )
     callbacks: list[L.Callback] = [telemetry, TQDMProgressBar(refresh_rate=max(1, int(t.log_every_n_steps) // 2))]
     if t.get("checkpoint", True) and not t.get("fast_dev_run"):
@@ -142,7 +186,8 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
     hw = cfg.hardware
     trainer = L.Trainer(
         accelerator=str(hw.accelerator), devices=hw.devices, num_nodes=int(hw.get("num_nodes", 1)),
-        strategy=hw.get("strategy", "auto"), precision=hw.precision,
+        strategy=strategy(hw), precision=hw.precision,
+        use_distributed_sampler=prepared.cp is None,
         max_steps=int(t.max_steps), val_check_interval=int(t.val_every_n_steps),
         check_val_every_n_epoch=None, limit_val_batches=int(t.val_batches),
         num_sanity_val_steps=0,
@@ -156,7 +201,7 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
 
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics.update(telemetry.summary())
-    metrics.update({k: v for k, v in telemetry.last.items() if k.startswith(("cache/", "memory/"))})
+    metrics.update({k: v for k, v in telemetry.last.items() if k.startswith(("cache/", "memory/", "ring/"))})
     first, last = telemetry_loss_span(telemetry, trainer)
     metrics["train/loss_first"], metrics["train/loss_last"] = first, last
     metrics["train/steps"] = float(trainer.global_step)

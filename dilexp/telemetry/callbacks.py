@@ -101,7 +101,9 @@ class Telemetry(L.Callback):
             metrics.update({f"memory/pool_{k}": v for k, v in self.pool.stats().items()})
         if self.extra is not None:
             metrics.update(self.extra())
-        loss = outputs["loss"].item() if isinstance(outputs, dict) and "loss" in outputs else float("nan")
+        # The logged train/loss is the whole batch's (a context-parallel rank's own loss is a share).
+        logged = trainer.callback_metrics.get("train/loss")
+        loss = float(logged) if logged is not None else float("nan")
         metrics["train/loss_step"] = loss
         self.losses.append(loss)
         for lg in trainer.loggers:

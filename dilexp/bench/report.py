@@ -1,0 +1,210 @@
+"""Bench rows -> bench.csv, a rich table, flat metrics, and the run's loggers (CSV, W&B).
+
+A row is a flat dict (see ``dilexp.tasks.bench``); rows of different targets may have
+different keys, so files take the union of the keys, in a fixed order for the known ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Known columns first, in reading order; anything else follows, sorted.
+COLUMNS: tuple[str, ...] = (
+    "target", "variant", "role", "op", "seq_len", "batch", "heads", "head_dim", "dtype", "mode", "causal",
+    "device", "status", "error",
+    "median_ms", "p25_ms", "p75_ms", "min_ms", "max_ms",
+    "per_call_ns", "median_ns", "p25_ns", "p75_ns", "min_ns", "max_ns",
+    "warmup", "repeats", "calls_per_repeat",
+    "allowed_pairs", "density", "flops", "tflops", "gflops", "frac_of_matmul", "tokens_per_s",
+    "speedup_vs_sdpa", "compare_to", "speedup_vs_compare",
+    "peak_alloc_mb", "peak_alloc_source", "peak_reserved_mb", "rss_delta_mb", "peak_rss_since_reset_mb",
+    "pattern_bytes",
+)
+LIST_COLUMNS = ("times_ms", "times_ns")
+
+
+def columns_of(rows: Iterable[dict[str, Any]]) -> list[str]:
+    seen: set[str] = set()
+    for r in rows:
+        seen.update(r)
+    known = [c for c in COLUMNS if c in seen]
+    rest = sorted(seen - set(COLUMNS) - set(LIST_COLUMNS))
+    # Raw timings last: the longest cells, read by scripts rather than people.
+    return known + rest + [c for c in LIST_COLUMNS if c in seen]
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return json.dumps([float(f"{v:.6g}") for v in value])
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    return value
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path) -> list[str]:
+    cols = columns_of(rows)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, restval="")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _cell(v) for k, v in r.items()})
+    tmp.replace(path)
+    return cols
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value)
+
+
+# Per-row figures worth a metric; the full row stays in summary.json and bench.csv.
+METRIC_FIELDS = (
+    "median_ms", "p25_ms", "p75_ms", "min_ms", "per_call_ns", "tflops", "gflops", "frac_of_matmul",
+    "tokens_per_s", "speedup_vs_sdpa", "speedup_vs_compare", "peak_alloc_mb", "cache_hit_rate",
+    "cache_misses", "pool_reuse_rate",
+)
+
+
+def row_prefix(row: dict[str, Any]) -> str:
+    parts = ["bench", str(row.get("target")), str(row.get("variant"))]
+    if row.get("op"):
+        parts.append(str(row["op"]))
+    parts.append(f"n{row.get('seq_len')}")
+    return "/".join(parts)
+
+
+def case_prefix(row: dict[str, Any]) -> str:
+    """Per-case metric keys without the N (the step tells the case): ``<target>/<variant>[/<op>]``."""
+    return "/".join(str(x) for x in (row.get("target"), row.get("variant"), row.get("op")) if x)
+
+
+def row_metrics(row: dict[str, Any], prefix: str | None = None) -> dict[str, float]:
+    """Flat float metrics of one row: ``bench/<target>/<variant>[/<op>]/n<seq_len>/<field>``."""
+    prefix = prefix or row_prefix(row)
+    out = {f"{prefix}/ok": 1.0 if row.get("status") == "ok" else 0.0}
+    for k in METRIC_FIELDS:
+        v = _num(row.get(k))
+        if v is not None and math.isfinite(v):
+            out[f"{prefix}/{k}"] = v
+    return out
+
+
+def summary_metrics(rows: list[dict[str, Any]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for r in rows:
+        out.update(row_metrics(r))
+    for status in ("ok", "oom", "error"):
+        out[f"bench/cases_{status}"] = float(sum(r.get("status") == status for r in rows))
+    return out
+
+
+def _fmt(value: Any, spec: str) -> str:
+    v = _num(value)
+    return "-" if v is None or not math.isfinite(v) else format(v, spec)
+
+
+def print_table(rows: list[dict[str, Any]], title: str) -> None:
+    """A console table of the headline figures (the CSV has everything)."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # rich is a dependency; a bare environment still gets the CSV
+        return
+    cache_rows = any(r.get("target") == "cache" for r in rows)
+    table = Table(title=title, title_justify="left")
+    heads = ["variant", "op" if cache_rows else "role", "N", "status"]
+    heads += ["ns/call", "p25-p75 ns"] if cache_rows else ["median ms", "p25-p75 ms", "GFLOP/s", "x sdpa", "x cmp"]
+    heads += ["cache hit"] if cache_rows else ["peak alloc MB", "cache hit"]
+    for h in heads:
+        table.add_column(h, justify="left" if h in ("variant", "op", "role", "status") else "right")
+    for r in rows:
+        status = str(r.get("status"))
+        if status != "ok":
+            status = f"[red]{status}[/red]"
+        cells = [str(r.get("variant")), str(r.get("op") if cache_rows else r.get("role")), str(r.get("seq_len")),
+                 status]
+        if cache_rows:
+            cells += [_fmt(r.get("per_call_ns"), ".0f"),
+                      f"{_fmt(r.get('p25_ns'), '.0f')}-{_fmt(r.get('p75_ns'), '.0f')}"]
+        else:
+            cells += [_fmt(r.get("median_ms"), ".2f"),
+                      f"{_fmt(r.get('p25_ms'), '.2f')}-{_fmt(r.get('p75_ms'), '.2f')}",
+                      _fmt(r.get("gflops"), ".1f"), _fmt(r.get("speedup_vs_sdpa"), ".2f"),
+                      _fmt(r.get("speedup_vs_compare"), ".2f")]
+        hit = _num(r.get("cache_hit_rate"))
+        lookups = (_num(r.get("cache_hits")) or 0.0) + (_num(r.get("cache_misses")) or 0.0)
+        if not cache_rows:
+            cells.append(_fmt(r.get("peak_alloc_mb"), ".1f"))
+        cells.append("-" if hit is None or not lookups else f"{100 * hit:.1f}%")
+        table.add_row(*cells)
+    console = Console()
+    if not console.is_terminal:
+        # Logs and pipes get rich's 80 columns, too narrow for the figures: widen rather than wrap.
+        console = Console(width=160)
+    console.print(table)
+
+
+class BenchLoggers:
+    """The run's CSV (metrics.csv) and W&B loggers; a logger that fails is dropped with a warning."""
+
+    def __init__(self, csv_logger: Any | None, wandb_logger: Any | None) -> None:
+        self.csv = csv_logger
+        self.wandb = wandb_logger
+
+    def _each(self) -> list[tuple[str, Any]]:
+        return [(n, lg) for n, lg in (("csv", self.csv), ("wandb", self.wandb)) if lg is not None]
+
+    def _drop(self, name: str, what: str, e: BaseException) -> None:
+        log.warning("%s logger: %s failed (%s: %s); the run goes on without it", name, what, type(e).__name__, e)
+        setattr(self, name, None)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        for name, lg in self._each():
+            try:
+                with warnings.catch_warnings():
+                    # Lightning warns that the run folder is not empty (it holds .hydra/ and
+                    # bench.csv); it only ever rewrites its own metrics.csv there.
+                    warnings.filterwarnings("ignore", message="Experiment logs directory")
+                    lg.log_metrics(metrics, step=step)
+                    if name == "csv":
+                        lg.save()  # the file is complete after every case, even if the run dies later
+            except Exception as e:  # noqa: BLE001
+                self._drop(name, "log_metrics", e)
+
+    def log_table(self, rows: list[dict[str, Any]], key: str = "bench/table") -> None:
+        if self.wandb is None or not rows:
+            return
+        cols = columns_of(rows)
+        data = [[_cell(r.get(c)) if r.get(c) is not None else None for c in cols] for r in rows]
+        try:
+            # A column mixing numbers and "" would make wandb.Table guess a string type.
+            data = [[None if v == "" else v for v in row] for row in data]
+            self.wandb.log_table(key=key, columns=cols, data=data)
+        except Exception as e:  # noqa: BLE001
+            self._drop("wandb", "log_table", e)
+
+    def update_summary(self, metrics: dict[str, float]) -> None:
+        if self.wandb is None:
+            return
+        try:
+            self.wandb.experiment.summary.update(metrics)
+        except Exception as e:  # noqa: BLE001
+            self._drop("wandb", "summary", e)
+
+    def finish(self) -> None:
+        for name, lg in self._each():
+            try:
+                lg.finalize("success")
+            except Exception as e:  # noqa: BLE001
+                self._drop(name, "finalize", e)

@@ -1,0 +1,520 @@
+"""Sweeps that survive failure: the sweep index, resume, job folders and Optuna's objective.
+
+conf/config.yaml wires this module into Hydra:
+
+- ``hydra.callbacks.sweep_index`` -> :class:`SweepIndex`: writes ``sweep.json`` in the sweep
+  folder (one entry per job: num, overrides, status, folder, headline metrics), updated as
+  each job ends, and prints a one-screen table when the sweep ends.
+- ``hydra.sweep.dir`` ends in ``${dilexp.uid:}``: a short random suffix after the microsecond
+  timestamp, so two sweeps never share a folder, even when started at once on two hosts.
+- ``hydra.sweep.subdir: ${dilexp.job_subdir:${hydra.job.num}}``: a job's folder is its number,
+  unless that folder holds a *different* job from an earlier run of the sweep (then ``<num>_1``
+  ...); with ``+resume=true`` it is the folder of the completed job with the same overrides.
+- ``hydra.output_subdir: ${dilexp.hydra_subdir:}``: a job kept by resume does not get its
+  ``.hydra/`` rewritten, so the record of what it ran with stays true.
+
+Importing this module registers the resolvers; Hydra imports it when it instantiates the
+callback, which happens before it resolves any folder (in the submitting process and, with
+submitit, in each job's process when the pickled callback is loaded).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import secrets
+import shlex
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from dilexp.telemetry.record import SUMMARY, read_summary, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+INDEX = "sweep.json"
+# Overrides that steer how a sweep runs, not what a job computes: never part of a job's identity.
+RUN_CONTROL = frozenset({"resume"})
+# Figures worth a glance in the index and the end-of-sweep table (the rest: dilexp.compare).
+HEADLINE = (
+    "val/loss", "perf/step_ms_median", "perf/tokens_per_s_median", "cache/hit_rate",
+    "memory/peak_allocated_mb", "memory/peak_rss_mb",
+    "bench/cases_ok", "bench/cases_oom", "bench/cases_error",
+)
+# Jobs kept by resume in this process, so on_job_end (same process as the job) can say so.
+_KEPT: set[str] = set()
+
+
+# -- overrides and job identity --------------------------------------------------------------
+
+
+def override_items(overrides: Iterable[str]) -> dict[str, str]:
+    """``key -> value`` of Hydra's per-job override strings.
+
+    The ``+``/``++`` prefixes say how a key got into the config, not what the job computes,
+    so ``+x=1`` and ``x=1`` are one setting; a deletion keeps its ``~``.
+    """
+    out: dict[str, str] = {}
+    for item in overrides:
+        key, _, value = str(item).partition("=")
+        if not key.startswith("~"):
+            key = key.lstrip("+")
+        out[key] = value
+    return out
+
+
+def swept_keys(raw_overrides: Iterable[str]) -> set[str] | None:
+    """Keys a command line sweeps over (``a=1,2``, ``range(..)``, ``interval(..)``); None if unparsable."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([str(o) for o in raw_overrides])
+    except Exception:  # noqa: BLE001 - unknown sweep: identity falls back to strict matching
+        return None
+    keys = set()
+    for o in parsed:
+        if o.is_sweep_override():
+            keys.add(o.key_or_group + (f"@{o.package}" if o.package else ""))
+    return keys
+
+
+def same_job(old: Iterable[str], new: Iterable[str], swept: set[str] | None) -> bool:
+    """Whether a job that ran with ``old`` overrides is the job ``new`` asks for.
+
+    Every setting of the old job must be there with the same value. A key the old job did
+    not have is tolerated when it is a single value on the new command line (not a sweep
+    axis): that is how a resume passes a fix (``task.batch_size=4`` for the job that ran out
+    of memory) without making every completed job look new. A new sweep axis is never
+    tolerated: each of its values is a different job. ``swept=None`` (unknown) is strict.
+    """
+    a = {k: v for k, v in override_items(old).items() if k not in RUN_CONTROL}
+    b = {k: v for k, v in override_items(new).items() if k not in RUN_CONTROL}
+    if any(b.get(k) != v for k, v in a.items()):
+        return False
+    extra = b.keys() - a.keys()
+    if swept is None:
+        return not extra
+    return not (extra & swept)
+
+
+def _truthy(value: Any) -> bool:
+    return str(value).strip().lower() in ("1", "true", "yes", "on")
+
+
+def job_record(folder: Path) -> tuple[str | None, list[str] | None]:
+    """(status, overrides) of a job folder: summary.json first, else Hydra's overrides.yaml."""
+    summary = read_summary(folder)
+    if summary is not None and isinstance(summary.get("overrides"), list):
+        return str(summary.get("status")), [str(o) for o in summary["overrides"]]
+    hydra_overrides = folder / ".hydra" / "overrides.yaml"
+    if hydra_overrides.is_file():
+        try:
+            return None, [str(o) for o in OmegaConf.load(hydra_overrides)]
+        except Exception:  # noqa: BLE001 - a torn file is a folder without a record
+            return None, None
+    return None, None
+
+
+def job_folders(sweep_dir: Path) -> list[Path]:
+    """Job folders of a sweep: sub-folders with a run record or Hydra's overrides."""
+    if not sweep_dir.is_dir():
+        return []
+    found = [p for p in sweep_dir.iterdir()
+             if p.is_dir() and not p.name.startswith(".")
+             and ((p / SUMMARY).is_file() or (p / ".hydra" / "overrides.yaml").is_file())]
+    return sorted(found, key=_folder_order)
+
+
+def _folder_order(p: Path) -> tuple[int, int, str]:
+    head, _, tail = p.name.partition("_")
+    if head.isdigit():
+        return int(head), int(tail) if tail.isdigit() else 0, p.name
+    return sys.maxsize, 0, p.name
+
+
+def load_index(sweep_dir: Path) -> dict[str, Any]:
+    try:
+        data = json.loads((sweep_dir / INDEX).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _sweep_axes(sweep_dir: Path) -> set[str] | None:
+    raw = load_index(sweep_dir).get("overrides")
+    return swept_keys(raw) if isinstance(raw, list) else None
+
+
+def find_job_folder(sweep_dir: Path, num: int | str, overrides: list[str], resume: bool) -> tuple[str, bool]:
+    """(folder name, kept) for one job of a sweep; kept means: completed earlier, do not run.
+
+    The folder is normally the job number. A resume looks for a completed job with the same
+    overrides wherever it is (job numbers move when a sweep's lists change). A folder that
+    holds a different job is never reused: the job gets ``<num>_1``, ``<num>_2``, ...
+    """
+    axes = _sweep_axes(sweep_dir)
+    own = str(num)
+    if resume:
+        candidates = [sweep_dir / own, *(p for p in job_folders(sweep_dir) if p.name != own)]
+        for folder in candidates:
+            status, old = job_record(folder)
+            if status == "completed" and old is not None and same_job(old, overrides, axes):
+                return folder.name, True
+    name, k = own, 0
+    while True:
+        _, old = job_record(sweep_dir / name)
+        if old is None or same_job(old, overrides, axes):
+            return name, False
+        k += 1
+        name = f"{own}_{k}"
+
+
+def _is_multirun(root: DictConfig) -> bool:
+    from hydra.types import RunMode
+
+    return root.hydra.get("mode") == RunMode.MULTIRUN
+
+
+def _resolve_job_subdir(num: Any, *, _root_: DictConfig) -> str:
+    overrides = [str(o) for o in _root_.hydra.overrides.task]
+    name, _ = find_job_folder(Path(str(_root_.hydra.sweep.dir)), num, overrides, _truthy(_root_.get("resume")))
+    return name
+
+
+def _resolve_hydra_subdir(*, _root_: DictConfig) -> str | None:
+    # None tells Hydra not to write .hydra/ at all: a kept job's record stays as it ran.
+    if not _is_multirun(_root_) or not _truthy(_root_.get("resume")):
+        return ".hydra"
+    overrides = [str(o) for o in _root_.hydra.overrides.task]
+    _, kept = find_job_folder(Path(str(_root_.hydra.sweep.dir)), _root_.hydra.job.num, overrides, True)
+    return None if kept else ".hydra"
+
+
+def _register_resolvers() -> None:
+    # use_cache: every job of a sweep gets the master config's value (Hydra copies the cache).
+    if not OmegaConf.has_resolver("dilexp.uid"):
+        OmegaConf.register_new_resolver("dilexp.uid", lambda: secrets.token_hex(2), use_cache=True)
+    if not OmegaConf.has_resolver("dilexp.job_subdir"):
+        OmegaConf.register_new_resolver("dilexp.job_subdir", _resolve_job_subdir)
+    if not OmegaConf.has_resolver("dilexp.hydra_subdir"):
+        OmegaConf.register_new_resolver("dilexp.hydra_subdir", _resolve_hydra_subdir)
+
+
+_register_resolvers()
+
+
+# -- what run_job and _hydra_main need -------------------------------------------------------
+
+
+def kept_result(run_dir: Path, sweep_dir: Path | None, overrides: list[str]) -> dict[str, Any] | None:
+    """The result of a job that a resume keeps (completed earlier, same overrides), else None."""
+    summary = read_summary(run_dir)
+    if summary is None or summary.get("status") != "completed":
+        return None
+    axes = _sweep_axes(sweep_dir) if sweep_dir is not None else None
+    if not same_job([str(o) for o in summary.get("overrides") or []], overrides, axes):
+        return None
+    _KEPT.add(str(Path(run_dir).resolve()))
+    result = {k: summary[k] for k in ("metrics", "bench", "cache_keys") if k in summary}
+    result["kept"] = True
+    return result
+
+
+def objective(cfg: DictConfig, result: dict[str, Any] | None) -> float | None:
+    """The value a sweeper optimises: ``optimized_metric`` looked up in the job's metrics.
+
+    None when no metric is asked for, or the job failed (Optuna then records a failed trial
+    and, with ``max_failure_rate: 1.0``, goes on).
+    """
+    name = cfg.get("optimized_metric")
+    if not name or result is None:
+        return None
+    metrics = result.get("metrics") or {}
+    value = metrics.get(str(name))
+    if value is None:
+        near = sorted(k for k in metrics if str(name).split("/")[0] in k)[:12]
+        log.warning("optimized_metric=%s is not among the job's metrics (some are: %s)", name, near)
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# -- the index -------------------------------------------------------------------------------
+
+
+def headline(metrics: dict[str, Any] | None) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for key in HEADLINE:
+        v = (metrics or {}).get(key)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = float(v)
+    return out
+
+
+def job_entry(folder: Path, sweep_dir: Path) -> dict[str, Any]:
+    """What the index says about one job folder, read from its own record."""
+    summary = read_summary(folder)
+    status, overrides = job_record(folder)
+    entry: dict[str, Any] = {
+        "num": _job_num(folder),
+        "folder": os.path.relpath(folder, sweep_dir),
+        "overrides": overrides or [],
+        "status": status or ("corrupt" if (folder / SUMMARY).exists() else "no record"),
+    }
+    if summary is not None:
+        for key in ("error", "wall_s", "started_at", "finished_at", "task"):
+            if summary.get(key) is not None:
+                entry[key] = summary[key]
+        entry["metrics"] = headline(summary.get("metrics"))
+    return entry
+
+
+def _job_num(folder: Path) -> int | None:
+    # The number the job ran as (Hydra's record), which is the folder name unless it moved.
+    try:
+        return int(OmegaConf.select(OmegaConf.load(folder / ".hydra" / "hydra.yaml"), "hydra.job.num"))
+    except Exception:  # noqa: BLE001 - no or torn Hydra record: fall back to the name
+        head = folder.name.split("_")[0]
+        return int(head) if head.isdigit() else None
+
+
+@contextlib.contextmanager
+def _locked(sweep_dir: Path) -> Iterator[None]:
+    """Serialise index updates of jobs that end at once (parallel launchers, SLURM arrays)."""
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    with open(sweep_dir / ".sweep.lock", "a") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except (ImportError, OSError):  # no flock (Windows, some network file systems): best effort
+            pass
+        yield
+
+
+def _counts(jobs: list[dict[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for j in jobs:
+        out[j["status"]] = out.get(j["status"], 0) + 1
+    out["kept"] = sum(bool(j.get("kept")) for j in jobs)
+    return out
+
+
+def _upsert(index: dict[str, Any], entry: dict[str, Any]) -> None:
+    jobs = index.setdefault("jobs", [])
+    for i, j in enumerate(jobs):
+        if j.get("folder") == entry["folder"]:
+            jobs[i] = {**j, **entry}
+            return
+    jobs.append(entry)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def rebuild_index(sweep_dir: Path, finished: bool = False) -> dict[str, Any]:
+    """Re-read every job folder into sweep.json (the folders are the truth; the index a view)."""
+    with _locked(sweep_dir):
+        index = load_index(sweep_dir)
+        old = {j.get("folder"): j for j in index.get("jobs", [])}
+        jobs = []
+        for folder in job_folders(sweep_dir):
+            entry = job_entry(folder, sweep_dir)
+            prev = old.get(entry["folder"], {})
+            # Which jobs this run touched, and which it kept, only the job-end hook knew.
+            for key in ("num", "kept", "last_run"):
+                if key in prev:
+                    entry[key] = prev[key]
+            entry.setdefault("last_run", False)
+            entry.setdefault("kept", False)
+            jobs.append(entry)
+        index["jobs"] = jobs
+        index["counts"] = _counts([j for j in jobs if j["last_run"]])
+        if finished:
+            index["finished_at"] = _now()
+        write_json_atomic(sweep_dir / INDEX, index)
+    return index
+
+
+class SweepIndex(Callback):
+    """Hydra callback: sweep.json as jobs end, and a one-screen summary when the sweep ends."""
+
+    def __init__(self, max_rows: int = 24, print_summary: bool = True) -> None:
+        self.max_rows = int(max_rows)
+        self.print_summary = bool(print_summary)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        with _locked(sweep_dir):
+            index = load_index(sweep_dir)
+            overrides = [str(o) for o in config.hydra.overrides.task]
+            index.update({
+                "sweep_dir": str(sweep_dir),
+                "command": _command_line(),
+                "overrides": overrides,
+                "resume": any(k == "resume" and _truthy(v) for k, v in override_items(overrides).items()),
+                "sweeper": _target_name(config.hydra.get("sweeper")),
+                "launcher": _target_name(config.hydra.get("launcher")),
+                "started_at": _now(),
+                "finished_at": None,
+            })
+            index.setdefault("history", []).append({"started_at": index["started_at"], "overrides": overrides})
+            for job in index.get("jobs", []):
+                job["last_run"], job["kept"] = False, False
+            index.setdefault("jobs", [])
+            write_json_atomic(sweep_dir / INDEX, index)
+        if index["resume"] and not job_folders(sweep_dir):
+            log.warning("+resume=true: no jobs in %s yet, so nothing to keep; to resume a sweep pass its "
+                        "folder: hydra.sweep.dir=outputs/multirun/<date>/<time>", sweep_dir)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if not _is_multirun(config):
+            return
+        try:
+            folder = Path(str(config.hydra.runtime.output_dir)).resolve()
+            sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+            entry = job_entry(folder, sweep_dir)
+            entry["num"] = int(config.hydra.job.num)
+            entry["last_run"] = True
+            entry["kept"] = str(folder) in _KEPT
+            if entry["status"] in ("no record", "running") and _job_failed(job_return):
+                # The job died outside dilexp's own handling: say what Hydra saw.
+                entry["status"] = "failed"
+                entry["error"] = repr(getattr(job_return, "_return_value", None))[:500]
+            with _locked(sweep_dir):
+                index = load_index(sweep_dir)
+                _upsert(index, entry)
+                index["counts"] = _counts([j for j in index["jobs"] if j.get("last_run")])
+                write_json_atomic(sweep_dir / INDEX, index)
+        except Exception as e:  # noqa: BLE001 - bookkeeping must never fail a job
+            log.warning("sweep index: could not record the job (%s: %s)", type(e).__name__, e)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir)).resolve()
+        try:
+            index = rebuild_index(sweep_dir, finished=True)
+        except Exception as e:  # noqa: BLE001
+            log.warning("sweep index: could not rebuild %s (%s: %s)", sweep_dir / INDEX, type(e).__name__, e)
+            return
+        if self.print_summary:
+            print_sweep_summary(index, sweep_dir, max_rows=self.max_rows)
+
+
+def _command_line() -> str:
+    argv = list(sys.argv)
+    # `python -m dilexp` shows up as the path of dilexp/__main__.py.
+    if argv and argv[0].endswith(os.path.join("dilexp", "__main__.py")):
+        argv = ["python", "-m", "dilexp", *argv[1:]]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def _job_failed(job_return: Any) -> bool:
+    from hydra.core.utils import JobStatus
+
+    return getattr(job_return, "status", None) == JobStatus.FAILED
+
+
+def _target_name(node: Any) -> str | None:
+    target = node.get("_target_") if node is not None else None
+    return str(target).rsplit(".", 1)[-1] if target else None
+
+
+# -- the end-of-sweep table ------------------------------------------------------------------
+
+
+def _fmt(value: float) -> str:
+    if value == 0 or 1e-3 <= abs(value) < 1e5:
+        return f"{value:.4g}"
+    return f"{value:.3e}"
+
+
+def _varying(jobs: list[dict[str, Any]]) -> list[str]:
+    """Override keys whose value differs between jobs: the rest says nothing about a row."""
+    items = [override_items(j.get("overrides") or []) for j in jobs]
+    keys: list[str] = []
+    for it in items:
+        keys.extend(k for k in it if k not in keys and k not in RUN_CONTROL)
+    return [k for k in keys if len({it.get(k) for it in items}) > 1]
+
+
+def resume_command(index: dict[str, Any], sweep_dir: Path) -> str:
+    raw = [o for o in index.get("overrides", []) if override_items([o]).keys() != {"resume"}]
+    raw = [o for o in raw if not o.startswith("hydra.sweep.dir=")]
+    args = ["python", "-m", "dilexp", "-m", *raw, f"hydra.sweep.dir={sweep_dir}", "+resume=true"]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+# Short column titles for the end-of-sweep table.
+_LABELS = {
+    "val/loss": "val loss", "perf/step_ms_median": "step ms", "perf/tokens_per_s_median": "tok/s",
+    "cache/hit_rate": "cache hit", "memory/peak_allocated_mb": "peak MB", "memory/peak_rss_mb": "peak RSS MB",
+    "bench/cases_ok": "cases ok", "bench/cases_oom": "oom", "bench/cases_error": "errors",
+}
+
+
+def print_sweep_summary(index: dict[str, Any], sweep_dir: Path, max_rows: int = 24) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    jobs = [j for j in index.get("jobs", []) if j.get("last_run")] or list(index.get("jobs", []))
+    counts = _counts(jobs)
+    bad = [j for j in jobs if j["status"] != "completed"]
+    good = [j for j in jobs if j["status"] == "completed"]
+    # Failures always make the screen; completed jobs fill what is left.
+    shown = sorted(bad + good[: max(0, max_rows - len(bad))], key=lambda j: (j.get("num") is None, j.get("num")))
+    varying = _varying(jobs)
+    metric_keys = [k for k in HEADLINE if any(k in (j.get("metrics") or {}) for j in shown)][:3]
+
+    table = Table(title=f"sweep {sweep_dir}", title_justify="left")
+    table.add_column("#", justify="right")
+    table.add_column("status", no_wrap=True)
+    for k in varying:
+        table.add_column(k, overflow="fold")
+    if not varying:
+        table.add_column("overrides", overflow="fold")
+    for k in metric_keys:
+        table.add_column(_LABELS.get(k, k), justify="right")
+    table.add_column("folder", overflow="fold")
+    style = {"completed": "green", "failed": "bold red"}
+    for j in shown:
+        items = override_items(j.get("overrides") or [])
+        settings = [items.get(k, "-") for k in varying] or [" ".join(j.get("overrides") or [])]
+        status = j["status"] + (" (kept)" if j.get("kept") else "")
+        cells = [_fmt(j["metrics"][k]) if k in (j.get("metrics") or {}) else "-" for k in metric_keys]
+        table.add_row(str(j.get("num", "?")), f"[{style.get(j['status'], 'yellow')}]{status}[/]", *settings,
+                      *cells, j["folder"])
+    console = Console(stderr=True)
+    console.print(table)
+    if len(shown) < len(jobs):
+        console.print(f"... {len(jobs) - len(shown)} more completed jobs in {sweep_dir / INDEX}")
+    ran = counts.get("completed", 0) - counts.get("kept", 0)
+    line = f"{len(jobs)} jobs: {ran} completed" + (f", {counts['kept']} kept from an earlier run"
+                                                    if counts.get("kept") else "")
+    for status in sorted(set(counts) - {"completed", "kept"}):
+        line += f", {counts[status]} {status}"
+    def say(text: str) -> None:
+        console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    say(line)
+    for j in bad:
+        if j.get("error"):
+            say(f"  job {j.get('num')}: {str(j['error'])[:200]}")
+    say(f"index:   {sweep_dir / INDEX}")
+    say(f"compare: python -m dilexp.compare {sweep_dir}")
+    if bad:
+        say(f"resume:  {resume_command(index, sweep_dir)}")
+    if any(sweep_dir.glob("*/wandb/offline-run-*")):
+        say(f"W&B:     wandb sync {sweep_dir}/*/wandb/offline-run-*")
+    if (sweep_dir / "optimization_results.yaml").is_file():
+        say(f"optuna:  {sweep_dir / 'optimization_results.yaml'}")

@@ -1,0 +1,229 @@
+"""``block_sparse``: its pattern against the written-out definition, and the kernel against the reference."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from dilexp.attention import build
+from dilexp.attention.reference import dense_reference
+from dilexp.cache import build_cache
+from dilexp.errors import ConfigError
+from dilexp.patterns.block_sparse import BlockSparsePattern
+
+CONF = Path(__file__).resolve().parent.parent / "conf" / "attention" / "block_sparse.yaml"
+
+
+def naive_layout(nb: int, local: int, dilation: int, glob: int) -> torch.Tensor:
+    """The module docstring's definition, one pair at a time."""
+    out = torch.zeros(nb, nb, dtype=torch.bool)
+    for i in range(nb):
+        for j in range(nb):
+            out[i, j] = (
+                abs(i - j) <= local
+                or (dilation >= 1 and (i - j) % dilation == 0)
+                or i < glob
+                or j < glob
+            )
+    return out
+
+
+LAYOUTS = [(1, 2, 1), (0, 3, 2), (2, 0, 0), (0, 1, 0), (1, 5, 3), (0, 0, 0)]
+
+
+@pytest.mark.parametrize(("local", "dilation", "glob"), LAYOUTS)
+@pytest.mark.parametrize("n", [1, 7, 64, 100])
+def test_block_layout_and_dense_mask_follow_the_definition(n: int, local: int, dilation: int, glob: int) -> None:
+    p = BlockSparsePattern.from_config(8, local, dilation, glob)
+    nb = -(-n // 8)
+    expected = naive_layout(nb, local, dilation, glob)
+    assert torch.equal(p.block_layout(n), expected)
+    mult = p.dense_multiplicity(n, 3)
+    assert mult.shape == (3, n, n) and mult.dtype == torch.int64
+    for qpos in range(n):
+        for kpos in range(0, n, 3):
+            assert mult[1, qpos, kpos] == int(expected[qpos // 8, kpos // 8])
+    assert torch.equal(mult[0], mult[2])
+
+
+@pytest.mark.parametrize(("local", "dilation", "glob"), LAYOUTS)
+@pytest.mark.parametrize("nb", [1, 5, 16, 33])
+def test_closed_form_sparsity_equals_the_layout(nb: int, local: int, dilation: int, glob: int) -> None:
+    p = BlockSparsePattern.from_config(4, local, dilation, glob)
+    n = nb * 4 - 1
+    dense_fraction = p.block_layout(n).double().mean().item()
+    assert p.achieved_sparsity(n) == pytest.approx(1.0 - dense_fraction, abs=1e-12)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("local", "dilation", "glob"), LAYOUTS[:3])
+@pytest.mark.parametrize("n", [1, 9, 40, 61])
+def test_closed_form_pair_count_equals_the_dense_mask(n: int, local: int, dilation: int, glob: int,
+                                                       causal: bool) -> None:
+    attn = build("block_sparse", num_heads=3, head_dim=4, block_size=8, local_blocks=local, dilation=dilation,
+                 global_blocks=glob)
+    mult = attn.dense_multiplicity(n)
+    expected = int((torch.tril(mult) if causal else mult).sum())
+    assert attn.allowed_pairs(n, causal) == expected
+
+
+@pytest.mark.parametrize("target", [0.0, 0.3, 0.5, 0.8, 0.95])
+def test_sparsity_picks_the_closest_stride(target: float) -> None:
+    n, bs = 2000, 32
+    p = BlockSparsePattern.from_config(bs, 1, 2, 1, sparsity=target)
+    nb = p.num_blocks(n)
+    candidates = {d: 1.0 - naive_layout(nb, 1, d, 1).double().mean().item() for d in [0, *range(1, nb + 1)]}
+    best_gap = min(abs(s - target) for s in candidates.values())
+    got = p.resolved_dilation(n)
+    assert abs(candidates[got] - target) == pytest.approx(best_gap, abs=1e-12)
+    assert p.achieved_sparsity(n) == pytest.approx(candidates[got], abs=1e-12)
+    if target == 0.0:
+        assert got == 1  # stride 1 is every block: dense
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n", [64, 77])
+def test_plan_visits_each_allowed_block_pair_exactly_once(n: int, causal: bool) -> None:
+    # "Computed only on non-empty blocks": the gathered, unmasked slots are the layout.
+    p = BlockSparsePattern.from_config(8, 1, 3, 1)
+    layout = p.block_layout(n)
+    if causal:
+        layout = torch.tril(layout)
+    seen = torch.zeros_like(layout, dtype=torch.int64)
+    perm, inv, buckets = p.plan(n, causal)
+    rows_all = []
+    for rows, cols, mask, bag_order, bag_offsets in buckets:
+        rows_all.append(rows)
+        width = cols.shape[1]
+        for r_i, row in enumerate(rows.tolist()):
+            for s in range(width):
+                slot_open = True if mask is None else bool(mask[r_i, :, s * 8:(s + 1) * 8].any())
+                if slot_open:
+                    seen[row, cols[r_i, s]] += 1
+        # The backward's gather-sum must equal the scatter-add it replaces.
+        g = torch.randn(cols.numel(), 3)
+        summed = torch.nn.functional.embedding_bag(bag_order, g, bag_offsets, mode="sum")
+        assert torch.allclose(summed, torch.zeros(layout.shape[0], 3).index_add_(0, cols.flatten(), g), atol=1e-6)
+    assert torch.equal(seen, layout.to(torch.int64))
+    order = torch.cat(rows_all)
+    assert sorted(order.tolist()) == list(range(layout.shape[0]))
+    if perm is None:
+        assert torch.equal(order, torch.arange(layout.shape[0])) and inv is None
+    else:
+        assert torch.equal(order, perm) and torch.equal(perm[inv], torch.arange(layout.shape[0]))
+
+
+def max_errors(attn: torch.nn.Module, b: int, n: int, causal: bool, dtype: torch.dtype = torch.float32,
+               seed: int = 0) -> tuple[float, float]:
+    """(forward, gradient) max abs error against the float64 reference on the pattern's own mask."""
+    gen = torch.Generator().manual_seed(seed)
+    h, d = attn.num_heads, attn.head_dim
+    q, k, v = (torch.randn(b, n, h, d, generator=gen).to(dtype).requires_grad_() for _ in range(3))
+    grad_out = torch.randn(b, n, h, d, generator=gen).to(dtype)
+    out = attn(q, k, v, causal=causal)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
+    ref = dense_reference(q64, k64, v64, attn.pattern.dense_multiplicity(n, h), causal)
+    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out.double())
+    assert out.shape == ref.shape and out.dtype == dtype
+    fwd = (out.double() - ref).abs().max().item()
+    bwd = max((g.double() - r).abs().max().item() for g, r in zip(grads, ref_grads, strict=True))
+    return fwd, bwd
+
+
+# (B, N, H, D, settings): each row covers an edge of the pattern or of the kernel.
+CASES = [
+    pytest.param(2, 64, 3, 8, dict(block_size=16, local_blocks=1, dilation=2, global_blocks=1), id="multiple"),
+    pytest.param(2, 75, 3, 8, dict(block_size=16, local_blocks=1, dilation=2, global_blocks=1), id="ragged"),
+    pytest.param(1, 90, 2, 16, dict(block_size=8, local_blocks=0, dilation=3, global_blocks=2), id="global2"),
+    pytest.param(2, 50, 5, 4, dict(block_size=8, local_blocks=2, dilation=0, global_blocks=0), id="window-only"),
+    pytest.param(1, 40, 2, 8, dict(block_size=64, local_blocks=0, dilation=0, global_blocks=0), id="block>N"),
+    pytest.param(1, 33, 1, 8, dict(block_size=1, local_blocks=1, dilation=4, global_blocks=1), id="block=1"),
+    pytest.param(2, 130, 4, 8, dict(block_size=16, local_blocks=1, global_blocks=1, sparsity=0.6), id="sparsity"),
+]
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize(("b", "n", "h", "d", "settings"), CASES)
+def test_block_sparse_matches_reference(b: int, n: int, h: int, d: int, settings: dict, causal: bool) -> None:
+    attn = build("block_sparse", num_heads=h, head_dim=d, **settings)
+    assert torch.equal(attn.dense_multiplicity(n), attn.pattern.dense_multiplicity(n, h))
+    fwd, bwd = max_errors(attn, b, n, causal)
+    assert fwd <= 1e-4 and bwd <= 1e-4, (fwd, bwd)
+
+
+def test_block_sparse_bf16_within_design_tolerance() -> None:
+    attn = build("block_sparse", num_heads=2, head_dim=16, block_size=8, local_blocks=1, dilation=2)
+    fwd, _ = max_errors(attn, 1, 45, causal=True, dtype=torch.bfloat16)
+    assert fwd <= 2e-2
+
+
+def test_reference_comparison_catches_a_wrong_pattern() -> None:
+    # The check must be able to fail: a module whose plan disagrees with its stated mask.
+    attn = build("block_sparse", num_heads=2, head_dim=8, block_size=8, local_blocks=0, dilation=3)
+    wrong = BlockSparsePattern.from_config(8, 0, 2, 1)
+    attn.pattern, right = wrong, attn.pattern
+    attn.cache.clear()
+    b, n = 1, 48
+    q, k, v = (torch.randn(b, n, 2, 8) for _ in range(3))
+    out = attn(q, k, v)
+    ref = dense_reference(q, k, v, right.dense_multiplicity(n, 2))
+    assert (out - ref).abs().max() > 1e-2
+
+
+def test_plans_come_from_the_cache_and_prepare_builds_them() -> None:
+    cache = build_cache("local")
+    attn = build("block_sparse", num_heads=2, head_dim=8, block_size=8, cache=cache)
+    attn.prepare(37, "cpu")
+    assert cache.stats()["misses"] == 2  # one plan per mask
+    assert cache.stats()["bytes"] > 0
+    q = torch.randn(1, 37, 2, 8)
+    for causal in (False, True, False):
+        attn(q, q, q, causal=causal)
+    assert cache.stats()["misses"] == 2 and cache.stats()["hits"] == 3
+    keys = cache.keys()
+    assert all(key[0] == "block_sparse" and key[1] == 37 for key in keys)
+
+
+def test_sparsity_setting_changes_the_cache_key_through_the_stride() -> None:
+    cache = build_cache("local")
+    attn = build("block_sparse", num_heads=1, head_dim=4, block_size=4, sparsity=0.7, cache=cache)
+    q = torch.randn(1, 200, 1, 4)
+    attn(q, q, q)
+    (key,) = cache.keys()
+    assert key[4] == attn.pattern.resolved_dilation(200) != attn.pattern.dilation
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"block_size": 0}, "attention.block_size"),
+        ({"block_size": 8.5}, "attention.block_size"),
+        ({"local_blocks": -1}, "attention.local_blocks"),
+        ({"dilation": -2}, "attention.dilation"),
+        ({"global_blocks": True}, "attention.global_blocks"),
+        ({"sparsity": 1.0}, "attention.sparsity"),
+        ({"sparsity": -0.1}, "attention.sparsity"),
+        ({"sparsity": "high"}, "attention.sparsity"),
+        ({"window": 3}, "attention.window"),
+        ({"head_dim": 0}, "model.head_dim"),
+    ],
+)
+def test_bad_config_fails_at_construction_naming_the_field(kwargs: dict, field: str) -> None:
+    cfg = {"num_heads": 2, "head_dim": 8, **kwargs}
+    with pytest.raises(ConfigError) as e:
+        build("block_sparse", **cfg)
+    assert e.value.field == field
+
+
+def test_default_config_is_valid_for_the_default_run() -> None:
+    # conf/attention/block_sparse.yaml with the default LM: seq_len 512, 4 heads, head_dim 32.
+    cfg = OmegaConf.to_container(OmegaConf.load(CONF))
+    name = cfg.pop("name")
+    attn = build(name, num_heads=4, head_dim=32, **cfg)
+    fwd, bwd = max_errors(attn, 1, 512, causal=True)
+    assert fwd <= 1e-4 and bwd <= 1e-4
+    assert 0.0 < attn.pattern.achieved_sparsity(512) < 1.0
