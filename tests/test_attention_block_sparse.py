@@ -227,3 +227,12 @@ def test_default_config_is_valid_for_the_default_run() -> None:
     fwd, bwd = max_errors(attn, 1, 512, causal=True)
     assert fwd <= 1e-4 and bwd <= 1e-4
     assert 0.0 < attn.pattern.achieved_sparsity(512) < 1.0
+
+
+@pytest.mark.parametrize("strategy", ["none", "local", "cpu", "gpu"])
+def test_plans_travel_through_every_cache_strategy(strategy: str) -> None:
+    # cpu / gpu strategies store copies and move them back on a hit: the plan must survive that.
+    attn = build("block_sparse", num_heads=2, head_dim=8, block_size=8, global_blocks=2, cache=build_cache(strategy))
+    for _ in range(3):
+        fwd, bwd = max_errors(attn, 1, 70, causal=True)
+        assert fwd <= 1e-4 and bwd <= 1e-4

@@ -200,3 +200,13 @@ def test_default_config_is_valid_for_the_default_run() -> None:
     rows = torch.arange(bm.kv_indices.shape[2]).expand_as(bm.kv_indices[..., 0])
     has_partial = bm.kv_num_blocks == 1
     assert torch.equal(bm.kv_indices[..., 0][has_partial], rows[has_partial])
+
+
+@pytest.mark.parametrize("strategy", ["none", "local", "cpu", "gpu"])
+def test_plans_travel_through_every_cache_strategy(strategy: str) -> None:
+    # cpu / gpu strategies store copies and move them back on a hit: FlexPlan.to must keep
+    # the BlockMask and the tables its mask_mod reads together.
+    attn = _attn([32, 64], [1, 2], cache=build_cache(strategy))
+    attn._kernel = flex_attention
+    for _ in range(3):
+        assert forward_error(attn, causal=True, n=70, b=1) <= 1e-4

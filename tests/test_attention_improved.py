@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -13,6 +15,16 @@ from dilexp.attention.reference import dense_reference
 from dilexp.cache import build_cache
 from dilexp.memory.base import NoPool
 from dilexp.patterns.dilated import DilatedPattern
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tensors here are tiny: a second OpenMP thread only spins, and on a shared 2-core
+    # machine it multiplies the suite's time.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 CASES = [
     pytest.param(2, 24, 4, 8, [8, 16], [1, 2], id="multiples"),
@@ -114,15 +126,12 @@ def test_unselected_positions_are_exactly_zero_even_in_a_dirty_buffer(fused: boo
 
 
 def test_output_buffers_come_from_the_pool() -> None:
-    class CountingPool(NoPool):
-        pass
-
-    pool = CountingPool()
+    pool = NoPool()  # counts requests
     attn, _ = _build(4, 8, [4, 8], [1, 2], pool=pool)
     q = torch.randn(1, 16, 4, 8, requires_grad=True)
     attn(q, q, q, causal=True).sum().backward()
-    # One output, one lse buffer forward; three gradient buffers backward.
-    assert pool.stats()["requests"] >= 5
+    # The output forward, the three gradients backward.
+    assert pool.stats()["requests"] >= 4
 
 
 def test_plan_is_strided_views_at_most_two_calls_per_branch() -> None:

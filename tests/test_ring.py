@@ -72,6 +72,41 @@ def test_chunk_ring_matches_reference(pattern: str, chunks: int, causal: bool) -
     assert fwd <= 1e-4 and bwd <= 1e-4, (fwd, bwd)
 
 
+@pytest.mark.parametrize("pattern", list(PATTERNS))
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_portable_kernel_matches_reference(pattern: str, causal: bool) -> None:
+    """The matmul path other devices take, forced on CPU; fp64 too (the fused kernel's dtypes differ)."""
+    for chunks, placement, dtype in ((3, "contiguous", torch.float32), (2, "zigzag", torch.float64)):
+        attn = make(pattern=pattern, chunks=chunks, placement=placement)
+        attn.use_fused = False
+        fwd, bwd = errors(attn, 37, causal, dtype=dtype)
+        assert fwd <= 1e-4 and bwd <= 1e-4, (chunks, placement, dtype, fwd, bwd)
+
+
+def test_portable_masks_come_from_the_cache() -> None:
+    cache = LocalCache()
+    attn = make(chunks=2, cache=cache)
+    attn.use_fused = False
+    q = torch.randn(1, 40, H, DH, requires_grad=True)
+    attn(q, q, q, causal=True).sum().backward()
+    built = cache.stats()["misses"]
+    assert any(key[0] == "ring_causal_mask" for key in cache.keys()), cache.keys()
+    attn(q, q, q, causal=True).sum().backward()
+    assert cache.stats()["misses"] == built
+
+
+def test_no_gathers_and_kv_untouched() -> None:
+    """Single-process, every op reads strided views of q, k, v: no index/gather/cat kernels run."""
+    attn = make(chunks=4)
+    q, k, v = (torch.randn(1, 64, H, DH, requires_grad=True) for _ in range(3))
+    with torch.profiler.profile() as prof:
+        out = attn(q, k, v, causal=True)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    names = {e.key for e in prof.key_averages()}
+    banned = {"aten::index_select", "aten::index", "aten::gather", "aten::cat", "aten::stack", "aten::index_put_"}
+    assert not names & banned, names & banned
+
+
 @pytest.mark.parametrize("variant", ["ring_v2", "ring_v3"])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("n", [16, 29])
@@ -109,6 +144,33 @@ def test_stats_count_skipped_pairs_and_send_nothing() -> None:
     attn(q, q, q, causal=True)
     assert attn.ring_stats()["skipped_steps"] == 12
     assert ring_stats(torch.nn.Sequential(attn, make()))["steps"] == 16
+
+
+@pytest.mark.parametrize("chunks", [1, 3])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_plan_first_writers_cover_each_span_once(chunks: int, causal: bool) -> None:
+    """Exactly one op copies into each (heads, rows) span, and it comes first in ring order;
+    heads left with unwritten rows (rate > 1) are the ones zeroed."""
+    attn = make(pattern="grouped", chunks=chunks)
+    n = 37
+    plan = attn.ring_plan(attn.layout(n, causal), causal, "cpu")
+    seen: dict = {}
+    for op in plan.steps[0]:
+        key = (op.head_range, op.q)
+        assert op.q_first == (key not in seen), op
+        seen.setdefault(key, []).append(op)
+    for ops in seen.values():
+        assert all(op.q_only == (len(ops) == 1) for op in ops)
+    covered = {h: sum(op.q.size for op in plan.steps[0] if op.q_first and op.head_range == h)
+               for h in {op.head_range for op in plan.steps[0]}}
+    zeroed = {h for h, c in covered.items() if c < n}
+    assert set(plan.q_zero) == zeroed and set(plan.k_zero) == zeroed
+    # Rate 1 (heads 0-1) selects every position; rates 2 and 4 leave rows unselected.
+    assert zeroed == set(covered) - {(0, 2, 1)}, zeroed
+    # "all": heads take several branches, so every op accumulates into zeroed buffers.
+    attn = make(pattern="all-heads", chunks=chunks)
+    plan = attn.ring_plan(attn.layout(n, causal), causal, "cpu")
+    assert plan.q_zero is None and not any(op.q_first or op.k_first for op in plan.ops())
 
 
 def test_layout_causal_skips_the_future() -> None:
@@ -152,11 +214,8 @@ def test_smaller_blocks_with_more_chunks() -> None:
     def largest(chunks: int) -> int:
         attn = make(pattern="w>=N-group-offsets", chunks=chunks)
         lay = attn.layout(96, causal=False)
-        return max(
-            sum(mask.numel() * len(range(H)[heads]) for heads, _, _, mask, *_ in
-                attn.block_pattern(lay.q_units[a], lay.kv_units[0][b], False, "cpu"))
-            for a, b in lay.pairs[0]
-        )
+        return max(op.score_elems for a, b in lay.pairs[0]
+                   for op in attn.block_pattern(lay.q_units[a], lay.kv_units[0][b], False))
 
     assert largest(4) * 4 <= largest(1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -13,8 +14,12 @@ from dilexp.patterns.dilated import DilatedPattern
 def check_dims(num_heads: object, head_dim: object) -> None:
     """Reject head counts / sizes before ``Attention.__init__`` silently truncates them with int()."""
     for field, value in (("model.n_head", num_heads), ("model.head_dim", head_dim)):
-        # bool is an int subclass; True heads is a typo, not a setting.
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        try:
+            # operator.index takes every integer type (numpy's too) and refuses 6.5 and "8".
+            ok = not isinstance(value, bool) and operator.index(value) >= 1  # True heads is a typo
+        except TypeError:
+            ok = False
+        if not ok:
             raise ConfigError(field, value, "must be an integer >= 1")
 
 

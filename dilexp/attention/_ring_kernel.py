@@ -1,128 +1,166 @@
-"""The compute of one block pair: forward with an online log-sum-exp merge, and its backward.
+"""The compute of one ``BlockOp``: forward with a log-sum-exp merge, and its backward.
 
-Both work on a block pattern from ``_ring_plan.build_block_pattern`` and write into
-whole-shard accumulators in place, so a caller can stream block pairs through them in any
-order. Scores, probabilities and accumulators are kept in ``acc_dtype`` (fp32, or fp64
-for fp64 inputs): a bf16 log-sum-exp merge would cost more error than the kernel.
+Every op is attention between two strided views (``Span``) of whole-shard tensors:
+nothing is gathered, padded or masked, and K/V are never copied (single-process they are
+views of the caller's tensors). Results go straight into whole-shard accumulators, so a
+caller can stream ops in any order:
 
-Backward (per branch, FlashAttention's formulas with the *final* log-sum-exp ``lse`` of
-each query and ``delta = rowsum(dO * O)``):
-    P = exp(S - lse),  dV += P^T dO,  dS = P * (dO V^T - delta),
-    dQ += scale * dS K,  dK += scale * dS^T Q.
-Because ``lse`` is final, every block pair's share is exact on its own, and the shares
-simply add up; that is what lets the backward run block by block around the ring.
+- forward: the first op to write a span of query rows (``q_first``) copies its output and
+  log-sum-exp; later ones merge by log-sum-exp into ``out``/``lse`` (fp32, or fp64 for
+  fp64 inputs: a bf16 merge would cost more error than the kernel);
+- backward: FlashAttention's formulas with the *final* ``out``/``lse`` of each query,
+      P = exp(S - lse),  delta = rowsum(dO * O),  dV += P^T dO,
+      dS = P * (dO V^T - delta),  dQ += scale dS K,  dK += scale dS^T Q,
+  so every op's share is exact on its own and the shares simply add up (the first
+  share of a span is copied: ``q_first``/``k_first``). That is what lets the backward run op by op around the ring.
+
+Two implementations of one op: the fused CPU kernel
+(``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, which take the
+final out/lse directly), and a portable one (explicit matmuls on the same views, any
+device; its causal masks come from the pattern cache).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-BlockPattern = tuple[tuple[torch.Tensor, ...], ...]
+from dilexp.attention._ring_plan import BlockOp, Span
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _finite(x: torch.Tensor) -> torch.Tensor:
-    """-inf (a row with no allowed key yet) -> 0, so exp(-inf - 0) = 0 instead of nan."""
-    return x.masked_fill(torch.isneginf(x), 0.0)
+def _fused_cpu_available() -> bool:
+    ops = torch.ops.aten
+    return hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
+        ops, "_scaled_dot_product_flash_attention_for_cpu_backward"
+    )
 
 
-HeadSel = slice | torch.Tensor
+_FUSED_CPU = _fused_cpu_available()
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+# (size, device) -> bool (size, size) mask of the entries above the diagonal.
+MaskFn = Callable[[int, torch.device], torch.Tensor]
 
 
-def _heads(x: torch.Tensor, heads: HeadSel) -> torch.Tensor:
-    """x[:, :, heads]: a view for a slice."""
-    return x[:, :, heads] if isinstance(heads, slice) else x.index_select(2, heads)
+def fused_ok(x: torch.Tensor) -> bool:
+    """Whether the fused CPU kernel takes ``x`` (CUDA and other devices use the portable path)."""
+    return _FUSED_CPU and x.device.type == "cpu" and x.dtype in _FUSED_DTYPES
 
 
-def _gather(x: torch.Tensor, idx: torch.Tensor, heads: HeadSel, dtype: torch.dtype) -> torch.Tensor:
-    """(B, N, H, ...)[:, idx (S, L), heads] -> (B, S, h, L, ...) contiguous, in ``dtype``.
-
-    Positions first (index_select on the contiguous input is the fast path), then the heads
-    as a view. The (B, S, h) batch layout lets every matmul below run as a plain batched
-    GEMM and keeps the large (Lq, Lk) score tensors free of permute copies.
-    """
-    s, slots = idx.shape
-    picked = _heads(x.index_select(1, idx.reshape(-1)), heads).unflatten(1, (s, slots))
-    return picked.movedim(3, 2).to(dtype).contiguous()
+def _kview(x: torch.Tensor, span: Span, heads: slice) -> torch.Tensor:
+    """(B, N, H, ...) -> (B*S, h, L, ...): the kernel's layout; a view except when B > 1 and S > 1."""
+    return span.view(x, heads).flatten(0, 1).transpose(1, 2)
 
 
-def _rows(x: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-    """(B, S, h, L, ...) -> (B, M, h, ...): the real slots ``sel`` of the flattened (S, L)."""
-    x = x.movedim(2, 3)
-    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:]).index_select(1, sel)
+def _unk(x: torch.Tensor, bsz: int) -> torch.Tensor:
+    """(B*S, h, L, ...) -> (B, S, L, h, ...), always a view (the layout of ``Span.view``)."""
+    return x.transpose(1, 2).unflatten(0, (bsz, -1))
 
 
-def _probs(qg: torch.Tensor, kg: torch.Tensor, blocked: torch.Tensor, scale: float,
+def _attend(qk: torch.Tensor, kk: torch.Tensor, vk: torch.Tensor, causal: bool, scale: float,
+            acc: torch.dtype, fused: bool, mask: MaskFn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) of kernel-layout views; out in q's dtype (fused) or ``acc`` (portable)."""
+    if fused:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qk, kk, vk, 0.0, causal, scale=scale)
+    p, lse = _probs(qk, kk, causal, scale, acc, mask, None)
+    return torch.matmul(p, vk.to(acc)), lse
+
+
+def _probs(qk: torch.Tensor, kk: torch.Tensor, causal: bool, scale: float, acc: torch.dtype, mask: MaskFn,
            lse: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masked softmax numerators exp(S - lse) and the lse used (the block's own when None), in place."""
-    scores = torch.matmul(qg, kg.transpose(-1, -2)).mul_(scale)
-    scores.masked_fill_(blocked, float("-inf"))
+    """exp(S - lse) (in place on the scores) and the lse used: the rows' own when ``lse`` is None."""
+    scores = torch.matmul(qk.to(acc), kk.to(acc).transpose(-1, -2)).mul_(scale)
+    if causal:
+        scores.masked_fill_(mask(scores.shape[-1], scores.device), float("-inf"))
     if lse is None:
         lse = torch.logsumexp(scores, dim=-1)
-    return scores.sub_(_finite(lse).unsqueeze(-1)).exp_(), lse
+    return scores.sub_(lse.unsqueeze(-1)).exp_(), lse
 
 
-def _where(loc: torch.Tensor, heads: HeadSel) -> tuple:
-    """Index for x[:, loc, heads] as a (B, M, h, ...) block that can be read and written."""
-    if isinstance(heads, slice):
-        return (slice(None), loc, heads)
-    return (slice(None), loc[:, None], heads[None, :])
-
-
-def block_forward(
+def op_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    pattern: BlockPattern,
+    op: BlockOp,
     scale: float,
     out: torch.Tensor,
     lse: torch.Tensor,
-) -> None:
-    """Merge one block pair into ``out`` (B, Nq, H, D) and ``lse`` (B, Nq, H), both acc dtype."""
-    acc = out.dtype
-    for heads, q_idx, k_idx, blocked, q_sel, q_loc, _k_sel, _k_loc in pattern:
-        qg, kg, vg = _gather(q, q_idx, heads, acc), _gather(k, k_idx, heads, acc), _gather(v, k_idx, heads, acc)
-        p, m = _probs(qg, kg, blocked, scale, None)
-        o = _rows(torch.matmul(p, vg), q_sel)
-        m = _rows(m, q_sel)
-        where = _where(q_loc, heads)
-        old = lse[where]
-        new = torch.logaddexp(old, m)
-        ref = _finite(new)
-        out[where] = out[where] * torch.exp(old - ref).unsqueeze(-1) + o * torch.exp(m - ref).unsqueeze(-1)
-        lse[where] = new
+    fused: bool,
+    mask: MaskFn,
+) -> torch.Tensor | None:
+    """Merge (or copy) one op into ``out`` (B, Nq, H, D) and ``lse`` (B, Nq, H), both acc dtype.
+
+    Returns the op's own log-sum-exp (kernel layout) when it is final (``q_only``): the
+    backward takes it as is, and ``lse`` is not written (those rows stay -inf there).
+    """
+    bsz, acc = q.shape[0], out.dtype
+    o, m_k = _attend(_kview(q, op.q, op.heads), _kview(k, op.k, op.heads), _kview(v, op.k, op.heads),
+                     op.causal, scale, acc, fused, mask)
+    o, m = _unk(o, bsz), _unk(m_k, bsz)
+    out_v, lse_v = op.q.view(out, op.heads), op.q.view(lse, op.heads)
+    if op.q_first:
+        out_v.copy_(o)
+        if op.q_only:
+            return m_k
+        lse_v.copy_(m)
+        return None
+    # No row of an op is empty (a causal op's queries see themselves), so m and new are finite.
+    m = m.to(acc)
+    new = torch.logaddexp(lse_v, m)
+    out_v.mul_(torch.exp(lse_v - new).unsqueeze(-1)).addcmul_(o.to(acc), torch.exp(m - new).unsqueeze(-1))
+    lse_v.copy_(new)
+    return None
 
 
-def block_backward(
+def _put(target: torch.Tensor, part: torch.Tensor, first: bool) -> None:
+    if first:
+        target.copy_(part)
+    else:
+        target.add_(part)
+
+
+def op_backward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    out: torch.Tensor,
     dout: torch.Tensor,
     lse: torch.Tensor,
-    delta: torch.Tensor,
-    pattern: BlockPattern,
+    op: BlockOp,
     scale: float,
     dq: torch.Tensor,
     dk: torch.Tensor,
     dv: torch.Tensor,
+    fused: bool,
+    mask: MaskFn,
+    own_lse: torch.Tensor | None = None,
 ) -> None:
-    """Add one block pair's share to ``dq`` (query shard) and ``dk``/``dv`` (key shard), acc dtype."""
-    acc = dq.dtype
-    for heads, q_idx, k_idx, blocked, q_sel, q_loc, k_sel, k_loc in pattern:
-        qg, kg, vg = _gather(q, q_idx, heads, acc), _gather(k, k_idx, heads, acc), _gather(v, k_idx, heads, acc)
-        dog = _gather(dout, q_idx, heads, acc)
-        # Per-row statistics gathered like the queries: (B, S, h, Lq).
-        p, _ = _probs(qg, kg, blocked, scale, _gather(lse, q_idx, heads, acc))
-        dl = _gather(delta, q_idx, heads, acc)
-        dvg = torch.matmul(p.transpose(-1, -2), dog)
-        ds = torch.matmul(dog, vg.transpose(-1, -2)).sub_(dl.unsqueeze(-1)).mul_(p)
-        dqg = torch.matmul(ds, kg).mul_(scale)
-        dkg = torch.matmul(ds.transpose(-1, -2), qg).mul_(scale)
-        # Real slots map to distinct positions within a branch, so += cannot collide.
-        qw, kw = _where(q_loc, heads), _where(k_loc, heads)
-        dq[qw] += _rows(dqg, q_sel)
-        dk[kw] += _rows(dkg, k_sel)
-        dv[kw] += _rows(dvg, k_sel)
+    """Add (or copy) one op's share to ``dq`` (query shard) and ``dk``/``dv`` (key shard), acc dtype.
+
+    ``out``/``lse`` are the final (merged) output and log-sum-exp of the query shard;
+    ``own_lse`` what ``op_forward`` returned for a ``q_only`` op (used instead of ``lse``).
+    """
+    bsz, acc = q.shape[0], dq.dtype
+    qk, kk, vk = _kview(q, op.q, op.heads), _kview(k, op.k, op.heads), _kview(v, op.k, op.heads)
+    ok, gk = _kview(out, op.q, op.heads), _kview(dout, op.q, op.heads)
+    lk = _kview(lse, op.q, op.heads) if own_lse is None else own_lse
+    if fused:
+        # The kernel reads the log-sum-exp as one contiguous (B*S, h, L) block.
+        gq, gkey, gval = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            gk, qk, kk, vk, ok, lk.contiguous(), 0.0, op.causal, scale=scale)
+    else:
+        p, _ = _probs(qk, kk, op.causal, scale, acc, mask, lk.to(acc))
+        g32 = gk.to(acc)
+        delta = (g32 * ok.to(acc)).sum(-1, keepdim=True)
+        gval = torch.matmul(p.transpose(-1, -2), g32)
+        ds = torch.matmul(g32, vk.to(acc).transpose(-1, -2)).sub_(delta).mul_(p)
+        gq = torch.matmul(ds, kk.to(acc)).mul_(scale)
+        gkey = torch.matmul(ds.transpose(-1, -2), qk.to(acc)).mul_(scale)
+    _put(op.q.view(dq, op.heads), _unk(gq, bsz), op.q_first)
+    _put(op.k.view(dk, op.heads), _unk(gkey, bsz), op.k_first)
+    _put(op.k.view(dv, op.heads), _unk(gval, bsz), op.k_first)

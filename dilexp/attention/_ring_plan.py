@@ -5,9 +5,10 @@ Vocabulary:
   sub-chunk of it (``chunks``). It is described by a ``UnitMap``: a tuple of
   ``(global_start, global_stop, local_start)`` triples, i.e. which global positions it
   holds and where they sit in the tensor that holds them;
-- a *block pair* (query block, key block) is the unit of work. Its pattern is a tuple
-  with one entry per branch that has at least one allowed (query, key) in the pair
-  (index tensors + mask, see ``build_block_pattern``); a pair with no entry is skipped.
+- a *block pair* (query block, key block) is the unit of work. Its pattern is a tuple of
+  ``BlockOp``s, one fused attention call each on strided views of the blocks (see
+  ``build_block_pattern``); a pair with no allowed entry is skipped. A call's ops over
+  all its pairs form a ``RingPlan``, the object the pattern cache stores.
 
 Emptiness is decided analytically (``ranges_meet``) for every pair of shards, so each rank
 knows, without building anything or talking to anyone, which K/V shards travel how far
@@ -16,8 +17,9 @@ round the ring (``Layout.maxdist``) and which block pairs it computes.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 import torch
@@ -192,92 +194,226 @@ def make_layout(
     return Layout(n, world, rank, shards, q_units, pieces, tuple(maxdist), tuple(pairs))
 
 
-# -- block patterns (what the cache stores) --------------------------------------------
+# -- block patterns: strided spans instead of index tensors -------------------------------
+#
+# Within one segment a branch selects an arithmetic progression of positions, so the
+# selected positions of (a range of a block) x (one segment) are a strided view of the
+# tensor that holds the block, and so are those of several whole segments side by side
+# (segments become a batch dimension). Blocks are made of ranges that come from one
+# partition of [0, n), so a query range and a key range are either the same range or
+# disjoint; that leaves three kinds of work per branch:
+#   - same range: every segment the range touches, each one attending to itself (causal
+#     or not): whole segments batched into one span, the (at most two) cut ones apart;
+#   - disjoint ranges: the single segment that can span both (a segment is an interval,
+#     and one that meets both ranges holds the gap between them), all keys allowed, or
+#     none when causal and the keys come after the queries.
+# No masks and no padding: every op is one fused attention call on views.
 
 
-def _unit_positions(unit: UnitMap) -> tuple[torch.Tensor, torch.Tensor]:
-    """(global positions, local indices) of a unit, both int64 and increasing."""
-    if not unit:
-        empty = torch.zeros(0, dtype=torch.int64)
-        return empty, empty
-    glob = torch.cat([torch.arange(g0, g1, dtype=torch.int64) for g0, g1, _ in unit])
-    loc = torch.cat([torch.arange(l0, l0 + g1 - g0, dtype=torch.int64) for g0, g1, l0 in unit])
-    return glob, loc
+@dataclass(frozen=True)
+class Span:
+    """Local positions base + s*seg_len + offset + i*rate (s < num_seg, i < slots).
 
-
-def _pad_by_segment(
-    seg: torch.Tensor, common: torch.Tensor, values: list[torch.Tensor]
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Scatter per-position values into (S, L) slots, one row per common segment.
-
-    ``seg`` is non-decreasing (positions are sorted), so a position's slot is its rank
-    among the selected positions of its segment.
+    ``view`` turns (B, N, H, ...) into (B, num_seg, slots, heads, ...) without a copy.
     """
-    keep = torch.isin(seg, common)
-    seg = seg[keep]
-    cid = torch.searchsorted(common, seg)
-    counts = torch.bincount(cid, minlength=common.numel())
-    width = int(counts.max().item()) if counts.numel() else 0
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(seg.numel()) - starts[cid]
-    valid = torch.zeros(common.numel(), width, dtype=torch.bool)
-    valid[cid, slot] = True
-    padded = []
-    for v in values:
-        out = torch.zeros(common.numel(), width, dtype=v.dtype)
-        out[cid, slot] = v[keep]
-        padded.append(out)
-    return valid, padded
+
+    base: int
+    num_seg: int
+    seg_len: int
+    offset: int
+    rate: int
+    slots: int
+
+    def view(self, x: torch.Tensor, heads: slice) -> torch.Tensor:
+        span = x[:, self.base : self.base + self.num_seg * self.seg_len]
+        stop = self.offset + (self.slots - 1) * self.rate + 1
+        return span.unflatten(1, (self.num_seg, self.seg_len))[:, :, self.offset : stop : self.rate, heads]
+
+    @property
+    def size(self) -> int:
+        return self.num_seg * self.slots
+
+
+@dataclass(frozen=True)
+class BlockOp:
+    """One fused attention call: the queries of ``q`` against the keys of ``k``, heads ``heads``.
+
+    ``causal``: q and k are the same positions and only keys <= the query count (else all).
+    ``q_first`` / ``k_first``: the first op of the call (in ring order) to write these query
+    rows / key rows, so it copies its results instead of merging or adding them into
+    buffers that would have to be zeroed first (set by ``build_ring_plan``; False in a bare pair).
+    ``q_only``: also the last, i.e. no other op touches these query rows: the op's own
+    log-sum-exp is final and is kept as the kernel returned it, for the backward.
+    """
+
+    head_range: tuple[int, int, int]  # (start, stop, step): a slice is unhashable before Python 3.12
+    q: Span
+    k: Span
+    causal: bool
+    q_first: bool = False
+    k_first: bool = False
+    q_only: bool = False
+
+    @property
+    def heads(self) -> slice:
+        return slice(*self.head_range)
+
+    @property
+    def score_elems(self) -> int:
+        """Entries of the (virtual) score block: what bounds a call's work and scratch."""
+        return len(range(*self.head_range)) * self.q.num_seg * self.q.slots * self.k.slots
+
+
+def _region(lo: int, hi: int, seg_start: int, r: int, o: int, local_lo: int) -> Span | None:
+    """The selected positions of [lo, hi) (inside the segment starting at seg_start)."""
+    first = _first_selected(lo, hi, seg_start, r, o)
+    if first is None:
+        return None
+    last = _last_selected(lo, hi, seg_start, r, o)
+    assert last is not None
+    return Span(local_lo, 1, hi - lo, first - lo, r, (last - first) // r + 1)
+
+
+def _range_spans(g0: int, g1: int, l0: int, br: Branch) -> list[Span]:
+    """The spans of one range [g0, g1) (local start l0): whole segments in one, cut ones apart."""
+    w, r, o = br.segment_length, br.dilation_rate, br.offset
+    full_lo, full_hi = -(-g0 // w), g1 // w  # whole segments inside the range: [full_lo, full_hi)
+    spans = []
+    if full_hi > full_lo and o < w:
+        spans.append(Span(l0 + full_lo * w - g0, full_hi - full_lo, w, o, r, -(-(w - o) // r)))
+    for s in sorted({g0 // w, (g1 - 1) // w}):
+        if full_lo <= s < full_hi:
+            continue
+        lo, hi = max(g0, s * w), min(g1, (s + 1) * w)
+        span = _region(lo, hi, s * w, r, o, l0 + lo - g0)
+        if span is not None:
+            spans.append(span)
+    return spans
+
+
+def _branch_heads(br: Branch) -> tuple[int, int, int]:
+    heads = heads_index(br.heads)
+    if not isinstance(heads, slice):  # every layout of the dilated pattern gives a progression
+        raise RuntimeError(f"ring: heads {br.heads} of a branch are not a strided range")
+    return heads.start, heads.stop, heads.step or 1
+
+
+def _split(g0: int, g1: int, l0: int, cuts: Sequence[int]) -> list[tuple[int, int, int]]:
+    edges = [g0, *(c for c in cuts if g0 < c < g1), g1]
+    return [(a, b, l0 + a - g0) for a, b in zip(edges, edges[1:], strict=False)]
+
+
+def _aligned(q_unit: UnitMap, k_unit: UnitMap) -> list[tuple[int, int, int, int, int, int]]:
+    """(q range, k range) pairs cut so that each two are the same range or disjoint.
+
+    Blocks of one call come from one partition of [0, n), so nothing is cut there; the
+    cuts only serve arbitrary blocks (tests, inspection).
+    """
+    out = []
+    for g0, g1, l0 in q_unit:
+        for h0, h1, m0 in k_unit:
+            if (g0, g1) == (h0, h1) or g1 <= h0 or h1 <= g0:
+                out.append((g0, g1, l0, h0, h1, m0))
+                continue
+            for a in _split(g0, g1, l0, (h0, h1)):
+                for b in _split(h0, h1, m0, (g0, g1)):
+                    if (a[0], a[1]) == (b[0], b[1]) or a[1] <= b[0] or b[1] <= a[0]:
+                        out.append((*a, *b))
+    return out
 
 
 def build_block_pattern(
     branches: Sequence[Branch], q_unit: UnitMap, k_unit: UnitMap, causal: bool
-) -> tuple[tuple[torch.Tensor, ...], ...]:
-    """Per non-empty branch: ``(heads, q_idx, k_idx, blocked, q_sel, q_loc, k_sel, k_loc)``.
-
-    - heads: the branch's heads, a slice when they are evenly spaced (always, for the
-      dilated layouts: selecting them is then a view), else an int64 tensor;
-    - q_idx (S, Lq) / k_idx (S, Lk): local indices of the selected queries / keys of each
-      segment the two blocks share (padding slots point at 0 and are masked);
-    - blocked (S, 1, Lq, Lk): the (query slot, key slot) pairs *not* allowed (padding and the
-      causal mask included), shaped to broadcast over (B, S, h, Lq, Lk) scores;
-    - q_sel / q_loc: flat slot numbers of the real query slots and their local indices
-      (unique within a branch, so results can be written back with plain indexing);
-      k_sel / k_loc the same for keys.
-    """
-    q_pos, q_loc_all = _unit_positions(q_unit)
-    k_pos, k_loc_all = _unit_positions(k_unit)
-    out = []
+) -> tuple[BlockOp, ...]:
+    """The ops of one (query block, key block) pair; empty iff the pair has no allowed entry."""
+    ops = []
     for br in branches:
+        heads = _branch_heads(br)
         w, r, o = br.segment_length, br.dilation_rate, br.offset
-        qs = (q_pos % w) % r == o
-        ks = (k_pos % w) % r == o
-        qp, ql, kp, kl = q_pos[qs], q_loc_all[qs], k_pos[ks], k_loc_all[ks]
-        q_seg, k_seg = qp // w, kp // w
-        common = q_seg.unique()[torch.isin(q_seg.unique(), k_seg.unique())]
-        if common.numel() == 0:
-            continue
-        q_valid, (q_idx, q_gpos) = _pad_by_segment(q_seg, common, [ql, qp])
-        k_valid, (k_idx, k_gpos) = _pad_by_segment(k_seg, common, [kl, kp])
-        mask = q_valid[:, :, None] & k_valid[:, None, :]
-        if causal:
-            mask &= q_gpos[:, :, None] >= k_gpos[:, None, :]
-        live = mask.flatten(1).any(1)
-        if not bool(live.any()):
-            continue
-        q_idx, k_idx, blocked = q_idx[live], k_idx[live], (~mask[live]).unsqueeze(1).contiguous()
-        q_valid, k_valid = q_valid[live], k_valid[live]
-        q_sel = q_valid.reshape(-1).nonzero().squeeze(1)
-        k_sel = k_valid.reshape(-1).nonzero().squeeze(1)
-        hsel = heads_index(br.heads)
-        out.append((
-            hsel if isinstance(hsel, slice) else torch.tensor(hsel, dtype=torch.int64),
-            q_idx.contiguous(),
-            k_idx.contiguous(),
-            blocked,
-            q_sel,
-            q_idx.reshape(-1)[q_sel].contiguous(),
-            k_sel,
-            k_idx.reshape(-1)[k_sel].contiguous(),
-        ))
-    return tuple(out)
+        for g0, g1, l0, h0, h1, m0 in _aligned(q_unit, k_unit):
+            if (g0, g1) == (h0, h1):
+                for sq in _range_spans(g0, g1, l0, br):
+                    sk = replace(sq, base=m0 + sq.base - l0)  # same positions, K/V's tensor
+                    ops.append(BlockOp(heads, sq, sk, causal))
+                continue
+            if causal and h0 >= g1:  # every key after every query
+                    continue
+            for s in range(max(g0, h0) // w, (min(g1, h1) - 1) // w + 1):
+                q_lo, q_hi = max(g0, s * w), min(g1, (s + 1) * w)
+                k_lo, k_hi = max(h0, s * w), min(h1, (s + 1) * w)
+                if q_hi <= q_lo or k_hi <= k_lo:
+                    continue
+                sq = _region(q_lo, q_hi, s * w, r, o, l0 + q_lo - g0)
+                sk = _region(k_lo, k_hi, s * w, r, o, m0 + k_lo - h0)
+                if sq is not None and sk is not None:
+                    ops.append(BlockOp(heads, sq, sk, False))
+    return tuple(ops)
+
+
+HeadRange = tuple[int, int, int]
+
+
+@dataclass(frozen=True, eq=False)
+class RingPlan:
+    """Every op of one call, per K/V shard (``steps[j]``), and which buffers need zeros.
+
+    ``q_zero``: head ranges of the query-side buffers (output, dQ) holding rows no op
+    writes first (unselected positions get an exact zero); ``k_zero`` the same for dK/dV
+    of the single-process call. None: zero everything (branches share heads).
+    A plain object rather than a tuple, so the pattern cache serves it as is instead of
+    walking (and rebuilding) nested tuples on every hit.
+    """
+
+    steps: tuple[tuple[BlockOp, ...], ...]
+    q_zero: tuple[HeadRange, ...] | None
+    k_zero: tuple[HeadRange, ...] | None
+
+    def ops(self) -> list[BlockOp]:
+        return [op for step in self.steps for op in step]
+
+
+def ring_order(layout: Layout) -> list[int]:
+    """The shards in the order a rank computes against them: (rank - t) mod P for t = 0, 1, ..."""
+    return [(layout.rank - t) % layout.world for t in range(layout.world)]
+
+
+def build_ring_plan(branches: Sequence[Branch], layout: Layout, causal: bool) -> RingPlan:
+    """All ops of this rank's call with their copy-or-accumulate flags.
+
+    The first op (in ring order) to write a (heads, rows) span copies; later ones merge
+    by log-sum-exp (forward) or add (backward). Spans of one branch are equal or disjoint
+    (``_range_spans``), so "first" is exact per span; that needs the branches' heads to
+    be disjoint (the "grouped" layout). With "all" a head sums several branches whose
+    spans overlap partially, so every op accumulates into zeroed buffers.
+    """
+    steps = [
+        [op for a, b in pairs
+         for op in build_block_pattern(branches, layout.q_units[a], layout.kv_units[j][b], causal)]
+        for j, pairs in enumerate(layout.pairs)
+    ]
+    heads = [h for br in branches for h in br.heads]
+    if len(heads) != len(set(heads)):
+        return RingPlan(tuple(tuple(s) for s in steps), None, None)
+    seen_q: set[tuple[HeadRange, Span]] = set()
+    seen_k: set[tuple[int, HeadRange, Span]] = set()
+    covered_q: Counter[HeadRange] = Counter()
+    covered_k: Counter[HeadRange] = Counter()
+    marked: list[list[BlockOp]] = [[] for _ in steps]
+    writers = Counter((op.head_range, op.q) for s in steps for op in s)
+    for j in ring_order(layout):
+        for op in steps[j]:
+            q_first = (op.head_range, op.q) not in seen_q
+            k_first = (j, op.head_range, op.k) not in seen_k
+            seen_q.add((op.head_range, op.q))
+            seen_k.add((j, op.head_range, op.k))
+            covered_q[op.head_range] += op.q.size if q_first else 0
+            covered_k[op.head_range] += op.k.size if k_first and j == layout.rank else 0
+            marked[j].append(replace(op, q_first=q_first, k_first=k_first,
+                                     q_only=writers[(op.head_range, op.q)] == 1))
+    n_local = layout.local_len
+    ranges = [_branch_heads(br) for br in branches]
+    return RingPlan(
+        tuple(tuple(s) for s in marked),
+        tuple(h for h in ranges if covered_q[h] < n_local),
+        tuple(h for h in ranges if covered_k[h] < n_local),
+    )

@@ -3,7 +3,9 @@
 Each query block gathers the key/value blocks its row of the layout names and runs one
 SDPA call per bucket of rows (rows grouped by how many blocks they need, see
 ``dilexp.patterns.block_sparse.build_plan``); nothing of size N x N is ever built. The
-plan (gather indices and token masks) comes from the pattern cache.
+plan (gather indices, token masks, and the bags of the backward) comes from the pattern
+cache. The gathers' backward is a gather-sum (embedding_bag) rather than index_add_:
+on CPU it halved the whole fwd+bwd time at N = 4096 with sparsity 0.9.
 """
 
 from __future__ import annotations

@@ -13,10 +13,13 @@ are contiguous, so no padding exists and ``is_causal`` is exactly "causal in the
 subsequence". A branch therefore costs one call (two when N % w != 0: the ragged tail),
 and results are copied once, straight into the output buffer from the pool.
 
-``heads="all"`` needs every branch's log-sum-exp. On CPU the fused kernel returns it and a
-custom backward reuses the kernel's own backward with the *merged* output and
-log-sum-exp (the ring-attention identity), so the merge costs no extra attention pass.
-Elsewhere it falls back to explicit attention on the same views.
+On CPU all branches run in one autograd node (``_FlashCPU``) around torch's fused flash
+kernel and its backward, which also hands out each branch's log-sum-exp: ``heads="all"``
+merges the branches by it in place, and its backward reuses the kernel's backward with the
+*merged* output and log-sum-exp (the ring-attention identity), so the merge costs no
+extra attention pass. On other devices (or with ``use_cpu_flash = False``) the same views
+go through ``F.scaled_dot_product_attention`` and autograd, and ``heads="all"`` through
+explicit attention.
 """
 
 from __future__ import annotations
@@ -240,7 +243,7 @@ class ImprovedDilatedAttention(Attention):
         super().__init__(num_heads, head_dim, cache=cache, pool=pool)
         self.pattern = pattern
         self.scale = 1.0 / math.sqrt(head_dim)
-        # Tests flip this to exercise the portable path on CPU.
+        # False forces the portable (autograd) path on CPU too: tests cover both with it.
         self.use_cpu_flash = True
 
     def _plans(self, n: int, device: torch.device | str) -> tuple[BranchPlan, ...]:

@@ -11,8 +11,9 @@ all-gathers the local lengths to find N (one tiny collective per call).
 
 Which group: ``group=None`` uses the registered cp group (``init_context_parallel``) and,
 when none is registered (or P = 1), runs *single-process*: the same block loop over
-``chunks`` blocks of the local sequence (laid out by ``placement``), which bounds the peak
-memory of one call to one block pair's scores. ``group="world"`` uses the default group;
+``chunks`` blocks of the local sequence (laid out by ``placement``), which bounds the
+memory one kernel call needs beyond the whole-sequence buffers (its scratch and its
+gradient parts) to one block pair's. ``group="world"`` uses the default group;
 a ProcessGroup object is used as given. The group is resolved at call time, because a
 Lightning model is built before its process group exists.
 
@@ -32,9 +33,19 @@ so it works across processes.
 Failures: every transfer waits at most the group timeout (``init_process_group(timeout_s)``)
 and then raises ``RingCommError`` naming this rank and the peer it waited for.
 
-``ring_v2`` builds each block pattern on first use through the pattern cache (default
-``cpu``); ``ring_v3`` pre-generates all of them for a shape (``prepare``, inside the
-cache's ``pregenerating()`` when it has one) before its first call, default cache ``gpu``.
+Compute. A block pair is a few fused attention calls on strided views of the shards
+(``_ring_plan.BlockOp``: per branch, the selected positions of each segment the two
+blocks share), with no gather, padding or mask; K/V are never copied single-process.
+On CPU the calls go to the fused flash kernel, which returns the log-sum-exp and whose
+backward takes the final output and log-sum-exp; elsewhere a portable matmul path runs
+on the same views. The first op to write a span of rows copies into the accumulators,
+later ones merge (forward) or add (backward), and only heads with unwritten rows are
+zeroed (``_ring_plan.RingPlan``).
+
+Patterns: all ops of one call shape form one ``RingPlan``, stored in the pattern cache
+(one lookup per call). ``ring_v2`` builds it on first use (default cache ``cpu``);
+``ring_v3`` pre-generates it for a shape (``prepare``, inside the cache's
+``pregenerating()`` when it has one) before its first call, default cache ``gpu``.
 """
 
 from __future__ import annotations
@@ -49,8 +60,8 @@ from torch.autograd.function import once_differentiable
 
 from dilexp.attention._kernels import build_pattern, check_dims
 from dilexp.attention._ring_comm import TAG_DKV, TAG_FINAL, TAG_KV, Pending, RingComm, RingCommError
-from dilexp.attention._ring_kernel import BlockPattern, acc_dtype, block_backward, block_forward
-from dilexp.attention._ring_plan import Layout, build_block_pattern, make_layout
+from dilexp.attention._ring_kernel import acc_dtype, fused_ok, op_backward, op_forward
+from dilexp.attention._ring_plan import BlockOp, Layout, RingPlan, build_block_pattern, build_ring_plan, make_layout
 from dilexp.attention.base import Attention
 from dilexp.attention.registry import register
 from dilexp.cache.base import PatternCache
@@ -81,10 +92,41 @@ class _Runner:
         self.comm = None
         if layout.world > 1:
             self.comm = RingComm(group, layout.rank, layout.world, attn.name, attn.timeout_s)
+        self.plan = attn.ring_plan(layout, causal, device)
+        self.fused = False  # decided per call from the input (``forward``)
+        # (step, op index) -> the final log-sum-exp of a q_only op, kept from forward to backward.
+        self.own_lse: dict[tuple[int, int], torch.Tensor] = {}
 
-    def pattern(self, j: int, a: int, b: int) -> BlockPattern:
-        lay = self.layout
-        return self.attn.block_pattern(lay.q_units[a], lay.kv_units[j][b], self.causal, self.device)
+    def _mask(self, size: int, device: torch.device) -> torch.Tensor:
+        """The portable path's causal mask (above the diagonal), built once per size through the cache."""
+        return self.attn.cache.get_or_build(
+            ("ring_causal_mask", size), lambda: torch.ones(size, size, dtype=torch.bool).triu(1), device
+        )
+
+    @staticmethod
+    def _buffer(like: torch.Tensor, dtype: torch.dtype, zero: tuple[tuple[int, int, int], ...] | None) -> torch.Tensor:
+        """An accumulator shaped like ``like``: zeros only in the heads whose rows are not all
+        written first by a copy (the plan's ``q_zero``/``k_zero``; None: everywhere)."""
+        if zero is None:
+            return torch.zeros(like.shape, dtype=dtype, device=like.device)
+        buf = torch.empty(like.shape, dtype=dtype, device=like.device)
+        for heads in zero:
+            buf[:, :, slice(*heads)].zero_()
+        return buf
+
+    def _forward_ops(self, j: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                     lse: torch.Tensor) -> None:
+        for i, op in enumerate(self.plan.steps[j]):
+            own = op_forward(q, k, v, op, self.attn.scale, out, lse, self.fused, self._mask)
+            if own is not None:
+                self.own_lse[(j, i)] = own
+
+    def _backward_ops(self, j: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                      dout: torch.Tensor, lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
+                      dv: torch.Tensor) -> None:
+        for i, op in enumerate(self.plan.steps[j]):
+            op_backward(q, k, v, out, dout, lse, op, self.attn.scale, dq, dk, dv, self.fused, self._mask,
+                        self.own_lse.pop((j, i), None))
 
     def _release(self, buf: torch.Tensor | None, mine: torch.Tensor) -> None:
         """Give a receive buffer back to the pool once its transfers are complete."""
@@ -115,16 +157,17 @@ class _Runner:
     # -- forward -----------------------------------------------------------------------
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lay, scale = self.layout, self.attn.scale
+        lay = self.layout
         acc = acc_dtype(q.dtype)
-        bsz, n, h, d = q.shape
-        out = torch.zeros(bsz, n, h, d, dtype=acc, device=q.device)
-        lse = torch.full((bsz, n, h), float("-inf"), dtype=acc, device=q.device)
+        self.fused = self.attn.use_fused and fused_ok(q)
+        out = self._buffer(q, acc, self.plan.q_zero)
+        # Rows no op writes keep -inf (the backward never reads them).
+        lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
         self.attn._stats["calls"] += 1
         if lay.world == 1:
+            # k and v are the caller's tensors: every op reads views of them, nothing is copied.
             self._count(0)
-            for a, b in lay.pairs[0]:
-                block_forward(q, k, v, self.pattern(0, a, b), scale, out, lse)
+            self._forward_ops(0, q, k, v, out, lse)
             return out.to(q.dtype), lse
 
         assert self.comm is not None
@@ -135,8 +178,7 @@ class _Runner:
             pending, buf = self._kv_transfer(t, cur, kv)
             self._count(j)
             if cur is not None:
-                for a, b in lay.pairs[j]:
-                    block_forward(q, cur[0], cur[1], self.pattern(j, a, b), scale, out, lse)
+                self._forward_ops(j, q, cur[0], cur[1], out, lse)
             self.comm.wait(pending)  # also completes the send of ``cur``
             self._release(cur, kv)
             cur = buf
@@ -150,15 +192,14 @@ class _Runner:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
         dout: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        lay, scale = self.layout, self.attn.scale
+        lay = self.layout
         acc = lse.dtype
-        delta = (dout.to(acc) * out.to(acc)).sum(-1)
-        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        self.fused = self.attn.use_fused and fused_ok(q)
+        dq = self._buffer(q, acc, self.plan.q_zero)
         if lay.world == 1:
-            dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-            dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-            for a, b in lay.pairs[0]:
-                block_backward(q, k, v, dout, lse, delta, self.pattern(0, a, b), scale, dq, dk, dv)
+            dk = self._buffer(k, acc, self.plan.k_zero)
+            dv = self._buffer(v, acc, self.plan.k_zero)
+            self._backward_ops(0, q, k, v, out, dout, lse, dq, dk, dv)
             return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
         comm = self.comm
@@ -179,9 +220,7 @@ class _Runner:
             dkv = None
             if cur is not None:
                 dkv = torch.zeros((2, *cur.shape[1:]), dtype=acc, device=kv.device)
-                for a, b in lay.pairs[j]:
-                    block_backward(q, cur[0], cur[1], dout, lse, delta, self.pattern(j, a, b), scale,
-                                   dq, dkv[0], dkv[1])
+                self._backward_ops(j, q, cur[0], cur[1], out, dout, lse, dq, dkv[0], dkv[1])
                 if incoming is not None:  # what the ranks between the owner and this one added
                     comm.wait(incoming[0])
                     dkv += incoming[1]
@@ -292,6 +331,8 @@ class RingDilatedAttention(Attention):
         self._global_len: int | None = None
         self._prepared: set[tuple[Any, ...]] = set()
         self._stats = {"calls": 0, "steps": 0, "skipped_steps": 0, "bytes_sent": 0}
+        # Tests flip this to run the portable kernel on CPU.
+        self.use_fused = True
         if seq_len is not None:
             self.set_shard(seq_len)
 
@@ -350,19 +391,21 @@ class RingDilatedAttention(Attention):
 
     # -- patterns ----------------------------------------------------------------------
 
-    def block_pattern(self, q_unit: Any, k_unit: Any, causal: bool, device: torch.device | str) -> BlockPattern:
-        """The pattern of one (query block, key block) pair, through the cache."""
-        key = ("ring_block", self._sig, causal, q_unit, k_unit)
-        return self.cache.get_or_build(
-            key, lambda: build_block_pattern(self.branches, q_unit, k_unit, causal), device
-        )
+    def block_pattern(self, q_unit: Any, k_unit: Any, causal: bool) -> tuple[BlockOp, ...]:
+        """The ops of one (query block, key block) pair (for inspection; calls use ``ring_plan``)."""
+        return build_block_pattern(self.branches, q_unit, k_unit, causal)
+
+    def ring_plan(self, lay: Layout, causal: bool, device: torch.device | str) -> RingPlan:
+        """Every op of one call shape, through the cache: one lookup per call, not one per pair."""
+        key = ("ring_plan", self._sig, lay.n, lay.world, lay.rank, self.chunks, self.placement, causal)
+        return self.cache.get_or_build(key, lambda: build_ring_plan(self.branches, lay, causal), device)
 
     def layout(self, n: int, causal: bool, group: Any = None) -> Layout:
         rank, world = group_rank_world(group)
         return make_layout(self.branches, n, world, rank, self.chunks, self.placement, causal)
 
     def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
-        """Build every block pattern this rank uses for global length ``n`` (both causal flags by default)."""
+        """Build the plan this rank uses for global length ``n`` (both causal flags by default)."""
         group = self.resolve_group()
         _, world = group_rank_world(group)
         check_shardable(n, world)
@@ -376,10 +419,7 @@ class RingDilatedAttention(Attention):
 
     def _build_all(self, n: int, device: torch.device | str, flags: tuple[bool, ...], group: Any) -> None:
         for c in flags:
-            lay = self.layout(n, c, group)
-            for j, pairs in enumerate(lay.pairs):
-                for a, b in pairs:
-                    self.block_pattern(lay.q_units[a], lay.kv_units[j][b], c, device)
+            self.ring_plan(self.layout(n, c, group), c, device)
 
     def dense_multiplicity(self, n: int) -> torch.Tensor:
         return self.pattern.dense_multiplicity(n, self.num_heads)

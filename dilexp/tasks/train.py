@@ -133,6 +133,11 @@ class Prepared:
         check_train_settings(t)
         apply_hardware(cfg)
         self.device = compute_device(cfg)
+        if str(cfg.attention.name) == "flex" and self.device.type == "cpu":
+            # Found now rather than as a trace from inside torch at the first backward.
+            raise ConfigError("attention.name", "flex", f"FlexAttention has no backward on CPU in torch "
+                              f"{torch.__version__}: train with attention=improved on CPU, or use hardware=gpu "
+                              "(flex serves forward-only benchmarks on CPU: task=bench bench.mode=fwd)")
         self.data = build_datamodule(cfg.data, int(t.batch_size), int(cfg.seed))
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         self.model, self.parts = build_model(cfg, self.data.vocab_size)
