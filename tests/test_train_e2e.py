@@ -31,7 +31,8 @@ def test_fast_dev_run(dilexp_cli, tmp_path: Path, attention: str) -> None:
 
 def test_default_run_leaves_its_record_and_wandb_keys(dilexp_cli, tmp_path: Path) -> None:
     # The default config, only shorter.
-    proc = dilexp_cli(["task.max_steps=12", "task.log_every_n_steps=4", "task.val_every_n_steps=6"], cwd=tmp_path)
+    proc = dilexp_cli(["task.max_steps=12", "task.warmup_steps=2", "task.log_every_n_steps=4",
+                       "task.val_every_n_steps=6"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run = _only_run_dir(tmp_path / "outputs")
     assert f"run folder: {run}" in proc.stderr.replace(str(tmp_path / "outputs"), str(tmp_path / "outputs"))
@@ -41,6 +42,8 @@ def test_default_run_leaves_its_record_and_wandb_keys(dilexp_cli, tmp_path: Path
     for key in ("torch", "device", "commit"):
         assert key in summary["env"]
     assert summary["metrics"]["perf/tokens_per_s_median"] > 0
+    # Learning happens: the last logged loss is below the first (logged at step 1).
+    assert summary["metrics"]["train/loss_last"] < summary["metrics"]["train/loss_first"] - 0.3
     assert (run / "checkpoints" / "last.ckpt").is_file()
     assert (run / ".hydra" / "config.yaml").is_file()
 
@@ -54,6 +57,12 @@ def test_default_run_leaves_its_record_and_wandb_keys(dilexp_cli, tmp_path: Path
     keys = history_keys(files[0])
     assert "cache/hit_rate" in keys and "perf/tokens_per_s" in keys
     assert any(k.startswith("memory/") for k in keys)
+    # ... and the pattern-cache keys, in the run's summary.
+    stored = {}
+    for rec in read_records(files[0]):
+        if rec.WhichOneof("record_type") == "summary":
+            stored.update({it.key: json.loads(it.value_json) for it in rec.summary.update if it.key})
+    assert any("dilated_idx" in k for k in stored["cache_keys"])
 
 
 def test_text_file_training(dilexp_cli, tmp_path: Path) -> None:
@@ -86,3 +95,12 @@ def test_two_job_multirun_two_folders_one_wandb_group(dilexp_cli, tmp_path: Path
                 run_ids.add(rec.run.run_id)
     assert len(run_ids) == 2
     assert len(groups) == 1 and next(iter(groups)).startswith("sweep-")
+
+
+def test_a_wandb_failure_never_kills_the_run(dilexp_cli, tmp_path: Path) -> None:
+    # An invalid mode makes wandb.init raise: the job warns and finishes without W&B.
+    proc = dilexp_cli(["debug=fast_dev_run", "logger=wandb"], cwd=tmp_path, env={"WANDB_MODE": "bogus"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "W&B could not start" in proc.stdout + proc.stderr
+    summary = json.loads((_only_run_dir(tmp_path / "outputs") / "summary.json").read_text())
+    assert summary["status"] == "completed"

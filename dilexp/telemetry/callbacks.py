@@ -83,7 +83,8 @@ class Telemetry(L.Callback):
         self.step_ms.append(ms)
         self._window.append(ms)
         step = trainer.global_step
-        if step % self.every != 0 and not trainer.fast_dev_run:
+        # Step 1 is logged too: the first line shows where the loss starts.
+        if step % self.every != 0 and step != 1 and not trainer.fast_dev_run:
             return
         window_ms = statistics.median(self._window)
         self._window = []
