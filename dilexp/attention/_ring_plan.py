@@ -234,6 +234,9 @@ class Span:
         return self.num_seg * self.slots
 
 
+HeadRange = tuple[int, int, int]  # (start, stop, step): a slice is unhashable before Python 3.12
+
+
 @dataclass(frozen=True)
 class BlockOp:
     """One fused attention call: the queries of ``q`` against the keys of ``k``, heads ``heads``.
@@ -246,7 +249,7 @@ class BlockOp:
     log-sum-exp is final and is kept as the kernel returned it, for the backward.
     """
 
-    head_range: tuple[int, int, int]  # (start, stop, step): a slice is unhashable before Python 3.12
+    head_range: HeadRange
     q: Span
     k: Span
     causal: bool
@@ -291,7 +294,7 @@ def _range_spans(g0: int, g1: int, l0: int, br: Branch) -> list[Span]:
     return spans
 
 
-def _branch_heads(br: Branch) -> tuple[int, int, int]:
+def _branch_heads(br: Branch) -> HeadRange:
     heads = heads_index(br.heads)
     if not isinstance(heads, slice):  # every layout of the dilated pattern gives a progression
         raise RuntimeError(f"ring: heads {br.heads} of a branch are not a strided range")
@@ -315,10 +318,8 @@ def _aligned(q_unit: UnitMap, k_unit: UnitMap) -> list[tuple[int, int, int, int,
             if (g0, g1) == (h0, h1) or g1 <= h0 or h1 <= g0:
                 out.append((g0, g1, l0, h0, h1, m0))
                 continue
-            for a in _split(g0, g1, l0, (h0, h1)):
-                for b in _split(h0, h1, m0, (g0, g1)):
-                    if (a[0], a[1]) == (b[0], b[1]) or a[1] <= b[0] or b[1] <= a[0]:
-                        out.append((*a, *b))
+            # Cut at each other's ends: any two pieces are then the same range or disjoint.
+            out.extend((*a, *b) for a in _split(g0, g1, l0, (h0, h1)) for b in _split(h0, h1, m0, (g0, g1)))
     return out
 
 
@@ -337,7 +338,7 @@ def build_block_pattern(
                     ops.append(BlockOp(heads, sq, sk, causal))
                 continue
             if causal and h0 >= g1:  # every key after every query
-                    continue
+                continue
             for s in range(max(g0, h0) // w, (min(g1, h1) - 1) // w + 1):
                 q_lo, q_hi = max(g0, s * w), min(g1, (s + 1) * w)
                 k_lo, k_hi = max(h0, s * w), min(h1, (s + 1) * w)
@@ -348,9 +349,6 @@ def build_block_pattern(
                 if sq is not None and sk is not None:
                     ops.append(BlockOp(heads, sq, sk, False))
     return tuple(ops)
-
-
-HeadRange = tuple[int, int, int]
 
 
 @dataclass(frozen=True, eq=False)

@@ -61,7 +61,15 @@ from torch.autograd.function import once_differentiable
 from dilexp.attention._kernels import build_pattern, check_dims
 from dilexp.attention._ring_comm import TAG_DKV, TAG_FINAL, TAG_KV, Pending, RingComm, RingCommError
 from dilexp.attention._ring_kernel import acc_dtype, fused_ok, op_backward, op_forward
-from dilexp.attention._ring_plan import BlockOp, Layout, RingPlan, build_block_pattern, build_ring_plan, make_layout
+from dilexp.attention._ring_plan import (
+    BlockOp,
+    HeadRange,
+    Layout,
+    RingPlan,
+    build_block_pattern,
+    build_ring_plan,
+    make_layout,
+)
 from dilexp.attention.base import Attention
 from dilexp.attention.registry import register
 from dilexp.cache.base import PatternCache
@@ -104,7 +112,7 @@ class _Runner:
         )
 
     @staticmethod
-    def _buffer(like: torch.Tensor, dtype: torch.dtype, zero: tuple[tuple[int, int, int], ...] | None) -> torch.Tensor:
+    def _buffer(like: torch.Tensor, dtype: torch.dtype, zero: tuple[HeadRange, ...] | None) -> torch.Tensor:
         """An accumulator shaped like ``like``: zeros only in the heads whose rows are not all
         written first by a copy (the plan's ``q_zero``/``k_zero``; None: everywhere)."""
         if zero is None:
