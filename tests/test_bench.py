@@ -88,6 +88,11 @@ def test_bench_composes_at_top_level_and_train_does_not_need_it(compose_cfg) -> 
         ("bench.compare_to=sdpa", "bench.compare_to"),  # already the baseline
         ("bench.heads=2", "bench.heads"),  # three segment lengths need three head groups
         ("bench.causal=maybe", "bench.causal"),
+        ("bench.compare_cache=nosuch", "bench.compare_cache"),
+        ("bench.compare_cache=local", "bench.compare_cache"),  # the run's own cache (the default)
+        ("bench.compare_cache=[none]", "bench.compare_cache"),
+        ("bench.compare_memory=nosuch", "bench.compare_memory"),
+        ("bench.compare_memory=none", "bench.compare_memory"),  # the run's own pool (the default)
     ],
 )
 def test_bad_settings_name_their_field(compose_cfg, override: str, field: str) -> None:
@@ -96,6 +101,22 @@ def test_bad_settings_name_their_field(compose_cfg, override: str, field: str) -
         PreparedBench(cfg)
     assert info.value.field == field
     assert str(info.value).startswith(field)
+
+
+def test_compare_cache_and_memory_refuse_the_cache_target(compose_cfg) -> None:
+    for override in ("bench.compare_cache=none", "bench.compare_memory=bucketed"):
+        cfg = compose_cfg(["task=bench", "bench.target=cache", override])
+        with pytest.raises(ConfigError) as info:
+            PreparedBench(cfg)
+        assert info.value.field == override.split("=")[0] and "target" in info.value.reason
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="memory=torch is refused only without CUDA")
+def test_compare_memory_torch_without_cuda_names_the_bench_field(compose_cfg) -> None:
+    cfg = compose_cfg(["task=bench", "attention=improved", "bench.compare_memory=torch"])
+    with pytest.raises(ConfigError) as info:
+        PreparedBench(cfg)
+    assert info.value.field == "bench.compare_memory" and "CUDA" in str(info.value)
 
 
 # -- pieces ------------------------------------------------------------------------------------
@@ -302,3 +323,60 @@ def test_model_target(compose_cfg, tmp_path: Path) -> None:
         assert r["status"] == "ok", r
         assert r["tokens_per_s"] > 0 and r["flops"] > 0 and r["heads"] == cfg.model.n_head
     assert (tmp_path / "bench.csv").exists()
+
+
+def _pair_checks(rows: list[dict[str, Any]], seq_lens: tuple[int, ...]) -> None:
+    by_role: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_role.setdefault(r["role"], []).append(r)
+    for role in ("main", "compare_cache", "compare_memory"):
+        assert [r["seq_len"] for r in by_role[role]] == list(seq_lens), role
+        assert all(r["status"] == "ok" for r in by_role[role]), by_role[role]
+    for r in by_role["main"]:
+        assert (r["cache_strategy"], r["memory_kind"]) == ("local", "none")
+        assert r["compare_cache"] == "none" and r["compare_memory"] == "bucketed"
+        for tag in ("cache_none", "memory_bucketed"):
+            assert r[f"speedup_vs_{tag}"] > 0
+            assert r[f"peak_alloc_mb_{tag}"] >= 0 and r[f"peak_held_mb_{tag}"] >= 0
+            assert r[f"peak_vs_{tag}"] > 0
+        assert r["peak_held_mb"] >= r["peak_alloc_mb"]
+        # The local cache keeps what it served (improved's plans are slice bounds: no tensor bytes).
+        assert r["cache_entries"] > 0 and r["cache_held_mb"] >= 0
+    for r in by_role["compare_cache"]:
+        # Built again with cache=none: every lookup builds, nothing is kept.
+        assert (r["cache_strategy"], r["memory_kind"]) == ("none", "none")
+        assert r["cache_hits"] == 0 and r["cache_misses"] > 0 and r["cache_held_mb"] == 0
+        assert "speedup_vs_cache_none" not in r
+    for r in by_role["compare_memory"]:
+        assert (r["cache_strategy"], r["memory_kind"]) == ("local", "bucketed")
+        assert r["pool_requests"] > 0 and "pool_reuses" in r
+
+
+def test_compare_cache_and_memory_pair_rows(compose_cfg, tmp_path: Path) -> None:
+    result = run_in_process(compose_cfg, tmp_path, ["attention=improved", "bench.compare_cache=none",
+                                                    "bench.compare_memory=bucketed", "bench.matmul_reference=false"])
+    rows = result["bench"]
+    assert sorted({r["role"] for r in rows}) == ["compare_cache", "compare_memory", "main", "sdpa"]
+    _pair_checks(rows, (96, 160))
+    # The twins have their own metric keys: the main row's figures are not overwritten.
+    metrics = result["metrics"]
+    assert "bench/attention/improved/n96/speedup_vs_cache_none" in metrics
+    assert "bench/attention/improved+cache_none/n96/median_ms" in metrics
+    assert "bench/attention/improved+memory_bucketed/n160/median_ms" in metrics
+    main96 = next(r for r in rows if r["role"] == "main" and r["seq_len"] == 96)
+    assert metrics["bench/attention/improved/n96/median_ms"] == main96["median_ms"]
+    with (tmp_path / "bench.csv").open() as f:
+        header = next(csv.reader(f))
+    assert {"role", "cache_strategy", "speedup_vs_cache_none", "peak_vs_memory_bucketed"} <= set(header)
+
+
+def test_compare_cache_and_memory_on_the_model_target(compose_cfg, tmp_path: Path) -> None:
+    # improved: dilated takes no buffers from the pool, so its pool twin would show nothing.
+    result = run_in_process(compose_cfg, tmp_path, ["bench.target=model", "attention=improved",
+                                                    "bench.compare_cache=none", "bench.compare_memory=bucketed",
+                                                    "bench.matmul_reference=false", "bench.baseline_sdpa=false",
+                                                    "bench.seq_lens=[96]"])
+    rows = result["bench"]
+    assert sorted(r["role"] for r in rows) == ["compare_cache", "compare_memory", "main"]
+    _pair_checks(rows, (96,))
+    assert all(r["tokens_per_s"] > 0 for r in rows)

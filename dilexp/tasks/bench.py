@@ -11,13 +11,20 @@ Targets (``bench.target``):
   CPU, so no device copy), a miss (fresh key: lookup + build + insert), the build alone,
   the bare call overhead of the timing loop, and on a GPU a hit served on the device.
 
-For attention and model every case (one N) times the variant, full SDPA (``bench.baseline_sdpa``)
-and ``bench.compare_to`` interleaved round by round, after ``bench.warmup`` untimed rounds;
+For attention and model every case (one N) times the variant, full SDPA (``bench.baseline_sdpa``),
+``bench.compare_to`` (another variant, same pattern settings), ``bench.compare_cache`` (the same
+variant built again with another pattern-cache strategy) and ``bench.compare_memory`` (the same
+variant with another buffer pool) interleaved round by round, after ``bench.warmup`` untimed rounds;
 then each candidate runs once more, alone and untimed, for its peak memory
 (``dilexp.bench.memory``). One row per candidate and case; OOM and other failures are
 rows (status ``oom`` / ``error``), never the end of the run. Cache and pool counters in a
 row cover the whole case, warm-up included; with a process-wide cache strategy (cpu,
 gpu) the variant and the compared variant share one cache, and its counters cover both.
+
+``peak_held_mb`` adds to a candidate's ``peak_alloc_mb`` what its pool and pattern caches held
+idle when the memory call began: a reused buffer or a cached pattern makes no allocation
+during the call, yet it is memory the candidate keeps, so a pool or cache is not credited
+with memory it merely set aside earlier. The ``peak_vs_*`` ratios use it.
 """
 
 from __future__ import annotations
@@ -41,8 +48,9 @@ from dilexp.bench.flops import MODES, attention_flops, attention_pairs, dense_pa
 from dilexp.bench.memory import measure_case_memory
 from dilexp.bench.report import BenchLoggers, case_prefix, print_table, row_metrics, summary_metrics, write_csv
 from dilexp.bench.timing import Candidate, free_memory, is_oom, run_interleaved, spread
-from dilexp.cache import PatternCache, build_cache, collect_stats, pattern_nbytes, pregenerate_patterns
+from dilexp.cache import STRATEGIES, PatternCache, build_cache, collect_stats, pattern_nbytes, pregenerate_patterns
 from dilexp.errors import ConfigError
+from dilexp.memory import POOLS
 from dilexp.models import GPT
 from dilexp.patterns.dilated import DilatedPattern, segment_positions
 from dilexp.tasks.components import AttentionParts, apply_hardware, attention_parts, build_model, compute_device
@@ -56,6 +64,10 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16, "fp16": torch.float16,
 }
 CSV_NAME = "bench.csv"
+# The role of the candidates built from bench.compare_cache / bench.compare_memory.
+COMPARE_CACHE = "compare_cache"
+COMPARE_MEMORY = "compare_memory"
+_MB = float(2**20)
 log = logging.getLogger(__name__)
 # Counters (reported as their growth over a case); every other stat is a level (entries,
 # bytes held, peaks) and is reported as it stands at the end of the case.
@@ -85,6 +97,8 @@ class BenchSettings:
     repeats: int
     baseline_sdpa: bool
     compare_to: str | None
+    compare_cache: str | None
+    compare_memory: str | None
     matmul_reference: bool
     matmul_size: int
     memory_pass: bool
@@ -145,15 +159,36 @@ def read_settings(cfg: DictConfig) -> BenchSettings:
             raise ConfigError("bench.compare_to", compare_to, "is the benchmarked variant itself (attention=...)")
         if compare_to == "sdpa" and bool(node.get("baseline_sdpa")):
             raise ConfigError("bench.compare_to", compare_to, "sdpa is already the baseline (bench.baseline_sdpa)")
+    compare_cache = _compare_choice(cfg, node, "compare_cache", "cache", "strategy", sorted(STRATEGIES), str(target))
+    compare_memory = _compare_choice(cfg, node, "compare_memory", "memory", "kind", sorted(POOLS), str(target))
     return BenchSettings(
         target=str(target), seq_lens=tuple(seq_lens), mode=str(mode), causal=_bool(node, "causal"),
         batch=_int(node, "batch", 1), heads=_int(node, "heads", 1), head_dim=_int(node, "head_dim", 1),
         dtype_name=dtype_name, warmup=_int(node, "warmup", 0), repeats=_int(node, "repeats", 1),
         baseline_sdpa=_bool(node, "baseline_sdpa"), compare_to=compare_to,
+        compare_cache=compare_cache, compare_memory=compare_memory,
         matmul_reference=_bool(node, "matmul_reference"), matmul_size=_int(node, "matmul_size", 1),
         memory_pass=_bool(node, "memory_pass"), vocab_size=_int(node, "vocab_size", 2),
         cache_calls=_int(node, "cache_calls", 1), cache_miss_calls=_int(node, "cache_miss_calls", 1),
     )
+
+
+def _compare_choice(cfg: DictConfig, node: DictConfig, key: str, group: str, field_name: str, choices: list[str],
+                    target: str) -> str | None:
+    """``bench.compare_cache`` / ``bench.compare_memory``: null, or an option of the group other than the run's."""
+    value = node.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ConfigError(f"bench.{key}", value, f"choose one of {choices} or null")
+    if value not in choices:
+        raise ConfigError(f"bench.{key}", value, f"unknown {group} {field_name}; choose one of {choices} or null")
+    if target == "cache":
+        raise ConfigError(f"bench.{key}", value, "applies to bench.target=attention or model, not cache")
+    own = str((cfg.get(group) or {}).get(field_name, "none"))
+    if value == own:
+        raise ConfigError(f"bench.{key}", value, f"is the run's own {group}={own}; pick another to compare with")
+    return value
 
 
 def with_attention(cfg: DictConfig, name: str, keep_settings: bool) -> DictConfig:
@@ -168,6 +203,15 @@ def with_attention(cfg: DictConfig, name: str, keep_settings: bool) -> DictConfi
     return out
 
 
+def with_group(cfg: DictConfig, group: str, field_name: str, choice: str) -> DictConfig:
+    """A copy of ``cfg`` whose cache (or memory) node is ``choice`` with that option's built-in
+    defaults: the class defaults, which honour the same environment variables as the yaml."""
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out[group] = OmegaConf.create({field_name: choice})
+    return out
+
+
 # -- what is timed ----------------------------------------------------------------------------
 
 
@@ -175,9 +219,11 @@ def with_attention(cfg: DictConfig, name: str, keep_settings: bool) -> DictConfi
 class Variant:
     """One attention variant (or a model around it) and its caches and pool."""
 
-    role: str  # main | sdpa | compare
+    role: str  # main | sdpa | compare | compare_cache | compare_memory
     name: str
     parts: AttentionParts
+    cache_strategy: str = "none"
+    memory_kind: str = "none"
     attn: Attention | None = None
     model: GPT | None = None
     optimizer: torch.optim.Optimizer | None = None
@@ -242,25 +288,37 @@ class PreparedBench:
         if s.compare_to is not None and s.target != "cache":
             plan.append(("compare", s.compare_to,
                          with_attention(cfg, s.compare_to, keep_settings=s.compare_to != "sdpa")))
+        # read_settings has refused these for target=cache.
+        if s.compare_cache is not None:
+            plan.append((COMPARE_CACHE, main, with_group(cfg, "cache", "strategy", s.compare_cache)))
+        if s.compare_memory is not None:
+            plan.append((COMPARE_MEMORY, main, with_group(cfg, "memory", "kind", s.compare_memory)))
         for role, name, vcfg in plan:
             self.variants.append(self._build(role, name, vcfg, cfg))
         self.cache_strategy = str(cfg.cache.get("strategy", "none"))
 
     def _build(self, role: str, name: str, vcfg: DictConfig, cfg: DictConfig) -> Variant:
         s = self.settings
+        kinds = {"cache_strategy": str(vcfg.cache.get("strategy", "none")),
+                 "memory_kind": str(vcfg.memory.get("kind", "none"))}
         try:
             if s.target == "model":
                 # The same seed for every variant: identical weights, only the attention differs.
                 torch.manual_seed(int(cfg.get("seed", 0)))
                 model, parts = build_model(vcfg, s.vocab_size)
                 model.to(self.device)
-                return Variant(role, name, parts, model=model)
+                return Variant(role, name, parts, model=model, **kinds)
             parts = attention_parts(vcfg, s.heads, s.head_dim)
-            return Variant(role, name, parts, attn=parts.make().to(self.device))
+            return Variant(role, name, parts, attn=parts.make().to(self.device), **kinds)
         except ConfigError as e:
             if role == "compare" and e.field.startswith("attention."):
                 reason = f"cannot take the settings of attention={cfg.attention.name}: {e}"
                 raise ConfigError("bench.compare_to", name, reason) from e
+            # E.g. memory=torch without CUDA: the user typed bench.compare_memory, not memory=.
+            if role == COMPARE_CACHE and e.field.startswith("cache."):
+                raise ConfigError("bench.compare_cache", s.compare_cache, str(e)) from e
+            if role == COMPARE_MEMORY and e.field.startswith("memory."):
+                raise ConfigError("bench.compare_memory", s.compare_memory, str(e)) from e
             if s.target != "model" and e.field in ("model.n_head", "model.head_dim"):
                 field_name = "bench.heads" if e.field == "model.n_head" else "bench.head_dim"
                 raise ConfigError(field_name, e.value, e.reason) from e
@@ -292,6 +350,31 @@ def _variant_stats(v: Variant) -> tuple[dict[str, float], dict[str, float]]:
 def _stat_columns(cache: dict[str, float], pool: dict[str, float]) -> dict[str, float]:
     out = {f"cache_{k}": cache[k] for k in _CACHE_COLUMNS if k in cache}
     out.update({f"pool_{k}": float(val) for k, val in pool.items()})
+    return out
+
+
+def _held_bytes(var: Variant) -> tuple[float, float]:
+    """(idle pool bytes, cached pattern bytes) a candidate holds outside any call."""
+    pool = float(var.parts.pool.stats().get("pooled_bytes", 0.0))
+    cache = float(collect_stats(var.parts.caches).get("bytes", 0.0))
+    return pool, cache
+
+
+def _pair_columns(group: str, choice: str, main_s: float, other_s: float, main_mem: dict[str, Any],
+                  other_mem: dict[str, Any]) -> dict[str, Any]:
+    """The main row's columns against its twin built with ``<group>=<choice>``: speedup
+    (other median / main median, > 1: main is faster), both peaks, and the peak ratio
+    (main / other, <= 1: main holds no more)."""
+    tag = f"{group}_{choice}"
+    out: dict[str, Any] = {f"compare_{group}": choice}
+    if math.isfinite(main_s) and math.isfinite(other_s):
+        out[f"speedup_vs_{tag}"] = other_s / main_s
+    for key in ("peak_alloc_mb", "peak_held_mb"):
+        if key in other_mem:
+            out[f"{key}_{tag}"] = other_mem[key]
+    a, b = main_mem.get("peak_held_mb", math.nan), other_mem.get("peak_held_mb", math.nan)
+    if math.isfinite(a) and math.isfinite(b) and b > 0:
+        out[f"peak_vs_{tag}"] = a / b
     return out
 
 
@@ -383,17 +466,25 @@ def run_case(p: PreparedBench, n: int, matmul_tflops: float | None) -> list[dict
         for var, c in case.candidates:
             if not c.alive:
                 continue
+            held = _held_bytes(var)
             try:
                 mem[id(var)] = measure_case_memory(c.fn, dev)
             except Exception as e:  # noqa: BLE001
                 c.fail(e)
             if not c.alive:
                 free_memory(dev)
+                continue
+            m = mem[id(var)]
+            m["pool_idle_mb"], m["cache_held_mb"] = held[0] / _MB, held[1] / _MB
+            m["peak_held_mb"] = m.get("peak_alloc_mb", math.nan) + (held[0] + held[1]) / _MB
 
     rows: list[dict[str, Any]] = []
     medians = {v.role: c.median_s for v, c in case.candidates}
+    peaks = {v.role: mem.get(id(v), {}) for v, _ in case.candidates}
     for var, c in case.candidates:
-        row: dict[str, Any] = {**base, **shape, "variant": var.name, "role": var.role, "status": c.status}
+        row: dict[str, Any] = {**base, **shape, "variant": var.name, "role": var.role,
+                               "cache_strategy": var.cache_strategy, "memory_kind": var.memory_kind,
+                               "status": c.status}
         if c.error:
             row["error"] = c.error
         flops, pairs = _useful_flops(p, var, n)
@@ -420,6 +511,12 @@ def run_case(p: PreparedBench, n: int, matmul_tflops: float | None) -> list[dict
                 if math.isfinite(medians.get("compare", math.nan)):
                     row["speedup_vs_compare"] = medians["compare"] / med
         row.update(mem.get(id(var), {}))
+        if var.role == "main":
+            for role, group, choice in ((COMPARE_CACHE, "cache", s.compare_cache),
+                                        (COMPARE_MEMORY, "memory", s.compare_memory)):
+                if choice is not None:
+                    row.update(_pair_columns(group, choice, c.median_s, medians.get(role, math.nan), row,
+                                             peaks.get(role, {})))
         cache_b, pool_b = before[id(var)]
         cache_a, pool_a = _variant_stats(var)
         row.update(_stat_columns(_stats_delta(cache_b, cache_a, _CACHE_COUNTERS),
