@@ -380,3 +380,14 @@ def test_compare_cache_and_memory_on_the_model_target(compose_cfg, tmp_path: Pat
     assert sorted(r["role"] for r in rows) == ["compare_cache", "compare_memory", "main"]
     _pair_checks(rows, (96,))
     assert all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_compared_variant_gets_the_pattern_but_not_settings_it_cannot_take(compose_cfg) -> None:
+    from dilexp.tasks.bench import with_attention
+
+    cfg = compose_cfg(["task=bench", "attention=ring_v2", "attention.chunks=4", "attention.segment_lengths=[32,64]",
+                       "attention.dilation_rates=[1,2]"])
+    other = with_attention(cfg, "improved", keep_settings=True)
+    assert other.attention.name == "improved"
+    assert list(other.attention.segment_lengths) == [32, 64]
+    assert "chunks" not in other.attention and "placement" not in other.attention

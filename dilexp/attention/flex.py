@@ -54,7 +54,8 @@ _BLOCK_TENSORS = (
 @functools.lru_cache(maxsize=1)
 def compiled_flex() -> Callable[..., object]:
     """One compiled flex_attention per process, so every module shares its compiled kernels."""
-    return torch.compile(flex_attention)
+    # dynamic=False: on CPU the dynamic-shape recompile for a second N emits invalid C++ (torch 2.13).
+    return torch.compile(flex_attention, dynamic=False)
 
 
 def no_cpu_backward_message() -> str:

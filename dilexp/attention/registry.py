@@ -27,15 +27,22 @@ def available() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def settings_of(name: str) -> set[str] | None:
+    """The settings variant ``name`` takes (None: it takes any)."""
+    params = inspect.signature(_REGISTRY[name].__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params) - {"self"}
+
+
 def build(name: str, **cfg: Any) -> Attention:
     """Build a variant by name; unknown settings fail naming ``attention.<key>``."""
     if name not in _REGISTRY:
         raise ConfigError("attention.name", name, f"unknown variant; choose one of {available()}")
     cls = _REGISTRY[name]
-    params = inspect.signature(cls.__init__).parameters
-    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    if not takes_kwargs:
-        unknown = sorted(set(cfg) - set(params))
+    accepted = settings_of(name)
+    if accepted is not None:
+        unknown = sorted(set(cfg) - accepted)
         if unknown:
             raise ConfigError(f"attention.{unknown[0]}", cfg[unknown[0]], f"not a setting of {name!r}")
     return cls(**cfg)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dilexp.attention import Attention, available
+from dilexp.attention.registry import settings_of
 from dilexp.bench.flops import MODES, attention_flops, attention_pairs, dense_pairs, matmul_flops, model_flops
 from dilexp.bench.memory import measure_case_memory
 from dilexp.bench.report import BenchLoggers, case_prefix, print_table, row_metrics, summary_metrics, write_csv
@@ -197,7 +198,11 @@ def with_attention(cfg: DictConfig, name: str, keep_settings: bool) -> DictConfi
     out = copy.deepcopy(cfg)
     with open_dict(out):
         if keep_settings:
-            out.attention.name = name
+            # The pattern settings carry over; a setting only the main variant has (a ring's
+            # `chunks`, `placement`) does not.
+            accepted = settings_of(name) if name in available() else None
+            kept = {k: v for k, v in out.attention.items() if k != "name" and (accepted is None or k in accepted)}
+            out.attention = OmegaConf.create({"name": name, **kept})
         else:
             out.attention = OmegaConf.create({"name": name})
     return out
