@@ -22,9 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-import torch
-
 from dilexp.attention._kernels import heads_index
+from dilexp.attention.improved import Piece
 from dilexp.distributed import Ranges, ranges_len, shard_bounds
 from dilexp.patterns.dilated import Branch
 
@@ -211,23 +210,9 @@ def make_layout(
 
 
 @dataclass(frozen=True)
-class Span:
-    """Local positions base + s*seg_len + offset + i*rate (s < num_seg, i < slots).
-
-    ``view`` turns (B, N, H, ...) into (B, num_seg, slots, heads, ...) without a copy.
-    """
-
-    base: int
-    num_seg: int
-    seg_len: int
-    offset: int
-    rate: int
-    slots: int
-
-    def view(self, x: torch.Tensor, heads: slice) -> torch.Tensor:
-        span = x[:, self.base : self.base + self.num_seg * self.seg_len]
-        stop = self.offset + (self.slots - 1) * self.rate + 1
-        return span.unflatten(1, (self.num_seg, self.seg_len))[:, :, self.offset : stop : self.rate, heads]
+class Span(Piece):
+    """Local positions base + s*seg_len + offset + i*rate (s < num_seg, i < slots): improved's
+    strided ``Piece`` (``view`` gives (B, num_seg, slots, heads, ...) without a copy)."""
 
     @property
     def size(self) -> int:
