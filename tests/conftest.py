@@ -18,6 +18,18 @@ from dilexp.main import CONF_DIR
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """For modules of tiny tensors: a second OpenMP thread only spins, and on a shared
+    2-core machine it multiplies the suite's time."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def compose_cfg() -> Iterator:
     def _compose(overrides: list[str] | None = None) -> DictConfig:

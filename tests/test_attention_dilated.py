@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -15,15 +13,7 @@ from dilexp.cache import build_cache
 from dilexp.errors import ConfigError
 from dilexp.patterns.dilated import DilatedPattern
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    # Tensors here are tiny: a second OpenMP thread only spins, and on a shared 2-core
-    # machine it multiplies the suite's time.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 # (B, N, H, D, segment_lengths, dilation_rates): each row covers an edge of the pattern.
 CASES = [

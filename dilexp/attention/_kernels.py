@@ -92,3 +92,22 @@ def explicit_attention(
     probs = torch.exp(scores - lse.unsqueeze(-1))
     out = torch.matmul(probs, v.to(acc)).to(q.dtype)
     return out, lse
+
+
+def _cpu_flash_available() -> bool:
+    ops = torch.ops.aten
+    return hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
+        ops, "_scaled_dot_product_flash_attention_for_cpu_backward"
+    )
+
+
+_CPU_FLASH = _cpu_flash_available()
+_CPU_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def cpu_flash_ok(x: torch.Tensor) -> bool:
+    """Whether torch's fused CPU flash kernel (which also returns the log-sum-exp) takes ``x``.
+
+    CUDA and other devices use the variants' portable paths.
+    """
+    return _CPU_FLASH and x.device.type == "cpu" and x.dtype in _CPU_FLASH_DTYPES

@@ -33,23 +33,8 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _fused_cpu_available() -> bool:
-    ops = torch.ops.aten
-    return hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
-        ops, "_scaled_dot_product_flash_attention_for_cpu_backward"
-    )
-
-
-_FUSED_CPU = _fused_cpu_available()
-_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-
 # (size, device) -> bool (size, size) mask of the entries above the diagonal.
 MaskFn = Callable[[int, torch.device], torch.Tensor]
-
-
-def fused_ok(x: torch.Tensor) -> bool:
-    """Whether the fused CPU kernel takes ``x`` (CUDA and other devices use the portable path)."""
-    return _FUSED_CPU and x.device.type == "cpu" and x.dtype in _FUSED_DTYPES
 
 
 def _kview(x: torch.Tensor, span: Span, heads: slice) -> torch.Tensor:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from dilexp.attention._kernels import (
     build_pattern,
     check_dims,
+    cpu_flash_ok,
     explicit_attention,
     heads_index,
     lse_dtype,
@@ -111,17 +112,6 @@ def _to_kernel(x: torch.Tensor) -> torch.Tensor:
 def _from_kernel(x: torch.Tensor, bsz: int) -> torch.Tensor:
     """(B*S, Hb, c, ...) -> (B, S, c, Hb, ...), always a view."""
     return x.transpose(1, 2).unflatten(0, (bsz, -1))
-
-
-def _cpu_flash_available() -> bool:
-    ops = torch.ops.aten
-    return hasattr(ops, "_scaled_dot_product_flash_attention_for_cpu") and hasattr(
-        ops, "_scaled_dot_product_flash_attention_for_cpu_backward"
-    )
-
-
-_CPU_FLASH = _cpu_flash_available()
-_CPU_FLASH_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 class _FlashCPU(torch.autograd.Function):
@@ -265,7 +255,7 @@ class ImprovedDilatedAttention(Attention):
         self._check_input(q, k, v)
         plans = self._plans(q.shape[1], q.device)
         merge = self.pattern.heads == "all"
-        if self.use_cpu_flash and _CPU_FLASH and q.device.type == "cpu" and q.dtype in _CPU_FLASH_DTYPES:
+        if self.use_cpu_flash and cpu_flash_ok(q):
             return _FlashCPU.apply(q, k, v, plans, causal, self.scale, merge, self.pool)
         if merge:
             return self._merged_portable(q, k, v, plans, causal)

@@ -58,9 +58,9 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from dilexp.attention._kernels import build_pattern, check_dims
+from dilexp.attention._kernels import build_pattern, check_dims, cpu_flash_ok
 from dilexp.attention._ring_comm import TAG_DKV, TAG_FINAL, TAG_KV, Pending, RingComm, RingCommError
-from dilexp.attention._ring_kernel import acc_dtype, fused_ok, op_backward, op_forward
+from dilexp.attention._ring_kernel import acc_dtype, op_backward, op_forward
 from dilexp.attention._ring_plan import (
     BlockOp,
     HeadRange,
@@ -167,7 +167,7 @@ class _Runner:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lay = self.layout
         acc = acc_dtype(q.dtype)
-        self.fused = self.attn.use_fused and fused_ok(q)
+        self.fused = self.attn.use_fused and cpu_flash_ok(q)
         out = self._buffer(q, acc, self.plan.q_zero)
         # Rows no op writes keep -inf (the backward never reads them).
         lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
@@ -202,7 +202,7 @@ class _Runner:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lay = self.layout
         acc = lse.dtype
-        self.fused = self.attn.use_fused and fused_ok(q)
+        self.fused = self.attn.use_fused and cpu_flash_ok(q)
         dq = self._buffer(q, acc, self.plan.q_zero)
         if lay.world == 1:
             dk = self._buffer(k, acc, self.plan.k_zero)

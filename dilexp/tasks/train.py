@@ -207,8 +207,8 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics.update(telemetry.summary())
     metrics.update({k: v for k, v in telemetry.last.items() if k.startswith(("cache/", "memory/", "ring/"))})
-    first, last = telemetry_loss_span(telemetry, trainer)
-    metrics["train/loss_first"], metrics["train/loss_last"] = first, last
+    losses = telemetry.losses or [float("nan")]
+    metrics["train/loss_first"], metrics["train/loss_last"] = losses[0], losses[-1]
     metrics["train/steps"] = float(trainer.global_step)
     metrics["model/params_non_embedding"] = float(model.num_params())
     keys = sorted({str(k) for c in prepared.parts.caches if hasattr(c, "keys") for k in c.keys()})
@@ -216,10 +216,3 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
         if isinstance(lg, SafeWandbLogger) and trainer.is_global_zero:
             lg._guard("summary", lambda lg=lg: lg.experiment.summary.update({"cache_keys": keys, **metrics}))
     return {"metrics": metrics, "cache_keys": keys}
-
-
-def telemetry_loss_span(telemetry: Telemetry, trainer: L.Trainer) -> tuple[float, float]:
-    losses = telemetry.losses if hasattr(telemetry, "losses") else []
-    if not losses:
-        return float("nan"), float("nan")
-    return losses[0], losses[-1]
