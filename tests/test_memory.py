@@ -34,8 +34,9 @@ def check_books(pool: BucketedPool) -> dict[str, float]:
     s = pool.stats()
     assert s["requests"] == s["reuses"] + s["allocations"]
     assert s["requests"] == s["releases"] + s["dropped"] + s["in_use_buffers"]
+    # A reclaimed buffer was counted as dropped when its last tensor died, then came back.
     held_or_gone = (s["in_use_bytes"] + s["pooled_bytes"] + s["evicted_bytes"] + s["cleanup_bytes"]
-                    + s["cleared_bytes"] + s["dropped_bytes"])
+                    + s["cleared_bytes"] + s["dropped_bytes"] - s["reclaimed_bytes"])
     assert s["allocated_bytes"] == held_or_gone
     assert s["reuse_rate"] == pytest.approx(s["reuses"] / s["requests"] if s["requests"] else 0.0)
     assert s["pooled_bytes"] <= s["peak_pooled_bytes"]
@@ -258,9 +259,10 @@ def test_borrow_releases_on_exit_and_on_error() -> None:
 # --------------------------------------------------------------------------- stats and concurrency
 
 
-def test_stats_add_up_over_a_random_workload() -> None:
+@pytest.mark.parametrize("reclaim", [False, True])
+def test_stats_add_up_over_a_random_workload(reclaim: bool) -> None:
     rng = random.Random(0)
-    pool = BucketedPool(max_bytes="64KiB", growth=1.5)
+    pool = BucketedPool(max_bytes="64KiB", growth=1.5, reclaim=reclaim, exact=reclaim)
     live: list[torch.Tensor] = []
     for i in range(600):
         op = rng.random()
@@ -286,8 +288,9 @@ def test_stats_add_up_over_a_random_workload() -> None:
     assert all(isinstance(v, float) for v in s.values())
 
 
-def test_no_buffer_is_handed_out_twice_under_threads() -> None:
-    pool = BucketedPool(max_bytes="256KiB", growth=2.0)
+@pytest.mark.parametrize("reclaim", [False, True])
+def test_no_buffer_is_handed_out_twice_under_threads(reclaim: bool) -> None:
+    pool = BucketedPool(max_bytes="256KiB", growth=2.0, reclaim=reclaim, exact=reclaim)
     owners: dict[int, int] = {}
     errors: list[str] = []
     stop = time.monotonic() + 2.0
@@ -314,7 +317,10 @@ def test_no_buffer_is_handed_out_twice_under_threads() -> None:
                     errors.append(f"thread {tid}: a buffer it held was overwritten")
                     return
                 del owners[ptr(t)]
-                pool.release(t)
+                if reclaim and rng.random() < 0.5:
+                    del t  # dropped: the pool may reclaim it once this was the last reference
+                else:
+                    pool.release(t)
             if n % 50 == 0:
                 time.sleep(0)  # let the other threads interleave
         for t, _ in held:
@@ -339,7 +345,103 @@ def test_no_buffer_is_handed_out_twice_under_threads() -> None:
     assert not errors, errors[0]
     s = check_books(pool)
     assert s["requests"] > 1000 and s["reuses"] > 0
-    assert s["in_use_buffers"] == 0 and s["releases"] == s["requests"]
+    assert s["in_use_buffers"] == 0 and s["releases"] + s["dropped"] == s["requests"]
+    assert (s["reclaims"] > 0) == reclaim and (s["dropped"] > 0) == reclaim
+
+
+# --------------------------------------------------------------------------- reclaim and exact
+
+
+def test_reclaim_takes_back_a_buffer_once_nothing_references_it() -> None:
+    pool = BucketedPool(reclaim=True)
+    a = pool.empty((64, 8), F32, CPU)
+    pa = ptr(a)
+    view = a[3:]
+    del a
+    b = pool.empty((64, 8), F32, CPU)  # the view still holds a's storage: not reclaimable
+    assert ptr(b) != pa
+    assert check_books(pool)["reclaimable_bytes"] == 0
+    del view
+    s = check_books(pool)
+    assert s["reclaimable_bytes"] == 64 * 8 * 4 <= s["idle_bytes"]
+    c = pool.empty((8, 64), F32, CPU)
+    assert ptr(c) == pa and c.shape == (8, 64) and c.is_contiguous() and c._base is None
+    s = check_books(pool)
+    assert (s["reclaims"], s["reuses"], s["allocations"]) == (1, 1, 2)
+    assert s["reclaimable_bytes"] == 0
+
+
+def test_reclaim_waits_for_autograd_to_let_go() -> None:
+    pool = BucketedPool(reclaim=True)
+    x = torch.randn(32, requires_grad=True)
+    buf = pool.empty((32,), F32, CPU)
+    pb = ptr(buf)
+    y = torch.mul(buf.copy_(x.detach()), x)  # mul saves buf for backward
+    del buf
+    assert ptr(pool.empty((32,), F32, CPU)) != pb  # the graph still needs it
+    y.sum().backward()
+    del y
+    assert ptr(pool.empty((32,), F32, CPU)) == pb
+
+
+def test_reclaim_respects_dtype_inference_mode_and_the_cap() -> None:
+    pool = BucketedPool(reclaim=True, max_bytes=4096)
+    a = pool.empty((256,), F32, CPU)  # 1 KiB
+    pa = ptr(a)
+    del a
+    assert ptr(pool.empty((256,), torch.int32, CPU)) != pa  # same bytes, other dtype
+    with torch.inference_mode():
+        assert ptr(pool.empty((256,), F32, CPU)) != pa
+    big = pool.empty((2048,), F32, CPU)  # 8 KiB > cap: tracked weakly only
+    pbig = ptr(big)
+    del big
+    assert check_books(pool)["lent_bytes"] <= 4096
+    pool.empty((2048,), F32, CPU)  # malloc may well return the same address: count instead
+    assert pbig and check_books(pool)["reclaims"] == 0
+
+
+def test_cleanup_and_clear_let_go_of_reclaimable_buffers() -> None:
+    pool = BucketedPool(reclaim=True)
+    a = pool.empty((128,), F32, CPU)
+    pa = ptr(a)
+    del a
+    assert pa and pool.cleanup(CPU) == 512
+    b = pool.empty((128,), F32, CPU)  # a fresh allocation (malloc may reuse the address)
+    assert check_books(pool)["reclaims"] == 0
+    del b
+    pool.clear()
+    assert check_books(pool)["reclaimable_bytes"] == 0
+    c = pool.empty((128,), F32, CPU)
+    assert c.shape == (128,) and check_books(pool)["reclaims"] == 0
+
+
+def test_reclaimable_buffers_of_a_shape_that_stopped_coming_are_let_go() -> None:
+    pool = BucketedPool(reclaim=True, exact=True, reclaim_idle_requests=20, check_every=5)
+    old = pool.empty((384,), F32, CPU)
+    del old
+    assert check_books(pool)["reclaimable_bytes"] == 1536
+    for _ in range(30):  # another shape, over and over
+        pool.empty((128,), F32, CPU)
+    s = check_books(pool)
+    assert s["reclaimable_bytes"] == 512 and s["lent_bytes"] == 512  # the (128,) buffer only
+    assert s["reclaims"] == 29
+
+
+def test_exact_buffers_have_no_slack_and_serve_only_requests_that_fit() -> None:
+    pool = BucketedPool(growth=2.0, exact=True)
+    a = pool.empty((275,), F32, CPU)  # 1100 bytes: the 2048-byte bucket, a 1536-byte buffer
+    pa = ptr(a)
+    assert a.untyped_storage().nbytes() == 1536 and check_books(pool)["slack_bytes"] == 436
+    pool.release(a)
+    b = pool.empty((500,), F32, CPU)  # 2000 bytes, same bucket: a is too small
+    pb = ptr(b)
+    assert pb != pa and b.untyped_storage().nbytes() == 2048
+    pool.release(b)
+    assert ptr(pool.empty((300,), F32, CPU)) == pb  # 1200 bytes: the newest that fits
+    assert ptr(pool.empty((275,), F32, CPU)) == pa
+    s = check_books(pool)
+    assert (s["reuses"], s["allocations"]) == (2, 2)
+    assert BucketedPool(growth=2.0).empty((275,), F32, CPU).untyped_storage().nbytes() == 2048
 
 
 # --------------------------------------------------------------------------- config
@@ -364,6 +466,8 @@ def test_env_var_sets_the_cap(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"max_bytes": "lots"}, "memory.max_bytes"),
         ({"max_bytes": -1}, "memory.max_bytes"),
         ({"growth": 1.0}, "memory.growth"),
+        ({"reclaim": "yes"}, "memory.reclaim"),
+        ({"reclaim_idle_requests": 0}, "memory.reclaim_idle_requests"),
         ({"growth": "fast"}, "memory.growth"),
         ({"min_bucket_bytes": 0}, "memory.min_bucket_bytes"),
         ({"min_free_fraction": 1.5}, "memory.min_free_fraction"),
@@ -493,3 +597,29 @@ def test_improved_attention_is_the_same_with_a_pool(heads: str, causal: bool) ->
         assert pool.stats()["reuses"] > before  # the variant did get poisoned buffers
         for w, g in zip(want, got, strict=True):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_IMPROVED, reason="dilexp/attention/improved.py not there yet")
+@pytest.mark.parametrize("variant", ["improved", "ring_v2"])
+def test_training_steps_reuse_outputs_and_gradients_with_reclaim(variant: str) -> None:
+    """Step after step the pool hands back the last step's output and gradients (nobody
+    releases them: autograd owns them), and every step still equals the plain build."""
+    from dilexp.attention import build
+
+    cfg = dict(num_heads=4, head_dim=8, segment_lengths=[8, 16], dilation_rates=[1, 2])
+    pool = build_pool("bucketed", reclaim=True, exact=True)
+    plain, pooled = build(variant, **cfg, pool=None), build(variant, **cfg, pool=pool)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(3):
+        q, k, v = (torch.randn(2, 40, 4, 8, generator=gen, requires_grad=True) for _ in range(3))
+        grad = torch.randn(2, 40, 4, 8, generator=gen)
+        want = torch.autograd.grad(plain(q, k, v, causal=True), (q, k, v), grad)
+        got = torch.autograd.grad(pooled(q, k, v, causal=True), (q, k, v), grad)
+        for w, g in zip(want, got, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+        del got, g  # the gradients die here: the next step may take them back
+        s = check_books(pool)
+        if step == 0:
+            assert s["reclaims"] == 0
+    assert s["reclaims"] >= 2 * 4  # output and three gradients, in steps 2 and 3
+    assert s["allocations"] < s["requests"] / 2

@@ -111,13 +111,15 @@ class _Runner:
             ("ring_causal_mask", size), lambda: torch.ones(size, size, dtype=torch.bool).triu(1), device
         )
 
-    @staticmethod
-    def _buffer(like: torch.Tensor, dtype: torch.dtype, zero: tuple[HeadRange, ...] | None) -> torch.Tensor:
+    def _buffer(self, like: torch.Tensor, dtype: torch.dtype, zero: tuple[HeadRange, ...] | None) -> torch.Tensor:
         """An accumulator shaped like ``like``: zeros only in the heads whose rows are not all
-        written first by a copy (the plan's ``q_zero``/``k_zero``; None: everywhere)."""
+        written first by a copy (the plan's ``q_zero``/``k_zero``; None: everywhere).
+
+        It comes from the pool: outputs and gradients leave the call, so only a pool that
+        reclaims dropped buffers (``memory.reclaim``) gets them back."""
+        buf = self.attn.pool.empty(like.shape, dtype, like.device)
         if zero is None:
-            return torch.zeros(like.shape, dtype=dtype, device=like.device)
-        buf = torch.empty(like.shape, dtype=dtype, device=like.device)
+            return buf.zero_()
         for heads in zero:
             buf[:, :, slice(*heads)].zero_()
         return buf
@@ -170,7 +172,7 @@ class _Runner:
         self.fused = self.attn.use_fused and cpu_flash_ok(q)
         out = self._buffer(q, acc, self.plan.q_zero)
         # Rows no op writes keep -inf (the backward never reads them).
-        lse = torch.full(q.shape[:3], float("-inf"), dtype=acc, device=q.device)
+        lse = self.attn.pool.empty(q.shape[:3], acc, q.device).fill_(float("-inf"))
         self.attn._stats["calls"] += 1
         if lay.world == 1:
             # k and v are the caller's tensors: every op reads views of them, nothing is copied.

@@ -18,6 +18,19 @@ Who holds what:
 - ``release`` accepts the tensor ``empty`` returned or any view of it; it takes back only
   a buffer it handed out and has not taken back yet, so a double release or a foreign
   tensor is ignored (counted) and can never put one buffer on a free list twice.
+
+Buffers that leave their call (an attention output that autograd saves, the gradients
+handed to autograd) can never be released: nobody knows when the graph is done with
+them. With ``reclaim`` the pool keeps a reference to each handed-out buffer's storage
+and, when a request finds no released buffer, takes back one whose storage nobody else
+references any more (torch's storage use count is 1: the pool's). So a training step
+gets the previous step's outputs and gradients back without any ``release``, and no
+fresh pages are faulted in. Reclaimable storages count against ``max_bytes`` from the
+moment they are handed out; past the cap, buffers are tracked weakly as before.
+
+With ``exact`` a new buffer is sized to its request (rounded to 512 bytes) rather than to
+the top of its bucket, and a buffer serves any later request of its bucket that fits in
+it: no slack, so a pool holds no more than plain allocation would.
 """
 
 from __future__ import annotations
@@ -40,6 +53,9 @@ ALIGN = 512
 _LARGEST = 1 << 50
 _OOM: type[BaseException] = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 _PLAN_MEMO_MAX = 4096
+# torch's count of references to a storage (private, present since torch 2.1): without
+# it nothing can be reclaimed, and ``reclaim`` is a no-op.
+_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 
 # (device, dtype, bucket index, CUDA stream id or 0, made in inference mode)
 FreeKey = tuple[torch.device, torch.dtype, int, int, bool]
@@ -99,6 +115,12 @@ class BucketedPool(MemoryPool):
             is dropped. Devices without such a probe (CPU, meta) rely on ``max_bytes``.
         check_every: requests between two pressure checks; the probe costs tens of
             microseconds, so it stays off the per-request path.
+        reclaim: take back handed-out buffers that nobody references any more (see the
+            module docstring), so outputs and gradients are reused without ``release``.
+        reclaim_idle_requests: a reclaimable buffer that no request has taken back for
+            this many requests is let go (a shape that stopped coming, e.g. after a
+            sequence-length change), checked every ``check_every`` requests.
+        exact: size new buffers to the request instead of the top of its bucket.
     """
 
     name = "bucketed"
@@ -111,6 +133,9 @@ class BucketedPool(MemoryPool):
         min_free_fraction: float = 0.05,
         min_free_bytes: int | str = 0,
         check_every: int = 64,
+        reclaim: bool = False,
+        exact: bool = False,
+        reclaim_idle_requests: int = 1024,
     ) -> None:
         self.max_bytes = parse_bytes("memory.max_bytes", max_bytes)
         self.growth = _check_float("memory.growth", growth, 1.0, 16.0, low_open=True)
@@ -122,6 +147,15 @@ class BucketedPool(MemoryPool):
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
             raise ConfigError("memory.check_every", check_every, "must be an integer >= 1")
         self.check_every = check_every
+        for field, flag in (("memory.reclaim", reclaim), ("memory.exact", exact)):
+            if not isinstance(flag, bool):
+                raise ConfigError(field, flag, "must be true or false")
+        self.reclaim = reclaim and _USE_COUNT is not None
+        if (isinstance(reclaim_idle_requests, bool) or not isinstance(reclaim_idle_requests, int)
+                or reclaim_idle_requests < 1):
+            raise ConfigError("memory.reclaim_idle_requests", reclaim_idle_requests, "must be an integer >= 1")
+        self.reclaim_idle_requests = reclaim_idle_requests
+        self.exact = exact
 
         self._sizes = self._bucket_sizes(smallest, self.growth)
         self._plans: dict[tuple[Any, torch.dtype, Any], _Plan] = {}
@@ -133,6 +167,12 @@ class BucketedPool(MemoryPool):
         self._token = 0
         # id(buffer) -> (weak ref, key, bytes held, bytes asked for)
         self._in_use: dict[int, tuple[weakref.ref[torch.Tensor], FreeKey, int, int]] = {}
+        # Reclaimable storages per key: storage data pointer -> (storage, bytes, id of the
+        # tensor last handed out on it, request count then). Only with ``reclaim``.
+        self._lent: dict[FreeKey, dict[int, tuple[torch.UntypedStorage, int, int, int]]] = {}
+        self._lent_bytes = 0
+        self._reclaims = 0
+        self._reclaimed_bytes = 0
         self._sweep_at = 256
         self._ops = 0
         self._next_check = check_every
@@ -180,12 +220,14 @@ class BucketedPool(MemoryPool):
             key = (dev, dtype, plan.bucket, _stream_id(dev), inference)
 
         out = None
+        aged: list[torch.UntypedStorage] | None = None
         with self._lock:
             self._requests += 1
             self._ops += 1
             free = self._free.get(key)
-            if free:
-                token, flat, cap = free.pop()
+            entry = self._pop_fitting(free, plan.nbytes) if free else None
+            if entry is not None:
+                token, flat, cap = entry
                 del self._lru[token]
                 self._pooled_bytes -= cap
                 self._reuses += 1
@@ -195,10 +237,15 @@ class BucketedPool(MemoryPool):
                     out = flat
                 else:
                     out = flat.as_strided(shape, plan.strides, 0).detach()
-                self._lease(out, key, plan)
+                self._lease(out, key, cap, plan.nbytes)
+            elif self.reclaim:
+                out = self._reclaim(key, plan, shape, dtype, dev)
             check = self._ops >= self._next_check
             if check:
                 self._next_check = self._ops + self.check_every
+                if self._lent:
+                    aged = self._drop_reclaimable(None, self._requests - self.reclaim_idle_requests)
+        del aged  # storages let go for age are freed here, outside the lock
         if check:
             self._check_pressure(dev)
         if out is None:
@@ -209,8 +256,47 @@ class BucketedPool(MemoryPool):
             with self._lock:
                 self._allocations += 1
                 self._allocated_bytes += plan.cap_bytes
-                self._lease(out, key, plan)
+                self._lease(out, key, plan.cap_bytes, plan.nbytes)
         return out
+
+    def _pop_fitting(self, free: deque[tuple[int, torch.Tensor, int]], nbytes: int
+                     ) -> tuple[int, torch.Tensor, int] | None:
+        # Caller holds the lock. The newest buffer fits unless ``exact`` made it smaller
+        # than this request of the same bucket.
+        if free[-1][2] >= nbytes:
+            return free.pop()
+        for i in range(len(free) - 2, -1, -1):
+            if free[i][2] >= nbytes:
+                entry = free[i]
+                del free[i]
+                return entry
+        return None
+
+    def _reclaim(self, key: FreeKey, plan: _Plan, shape: Any, dtype: torch.dtype,
+                 dev: torch.device) -> torch.Tensor | None:
+        # Caller holds the lock. A storage whose only reference is ours has no tensor left
+        # anywhere (caller, views, autograd's saved tensors): handing it out again is safe.
+        lent = self._lent.get(key)
+        if not lent:
+            return None
+        for ptr_, (storage, cap, ident, _) in lent.items():
+            if cap < plan.nbytes or _USE_COUNT(storage._cdata) != 1:
+                continue
+            old = self._in_use.pop(ident, None)
+            if old is not None:
+                if old[0]() is not None:  # id reused by a live tensor: not this storage's lease
+                    self._in_use[ident] = old
+                else:
+                    self._forget(old)
+            del lent[ptr_]
+            self._lent_bytes -= cap
+            self._reuses += 1
+            self._reclaims += 1
+            self._reclaimed_bytes += cap
+            out = torch.empty(0, dtype=dtype, device=dev).set_(storage, 0, shape, plan.strides)
+            self._lease(out, key, cap, plan.nbytes)
+            return out
+        return None
 
     def release(self, t: torch.Tensor) -> None:
         # Handed-out tensors are not views, so a view of one has it as its _base.
@@ -229,6 +315,7 @@ class BucketedPool(MemoryPool):
             self._in_use_bytes -= cap
             self._slack -= cap - asked
             self._releases += 1
+            self._unlend(key, root)
             if self.max_bytes is not None and cap > self.max_bytes:
                 self._evictions += 1
                 self._evicted_bytes += cap
@@ -263,7 +350,9 @@ class BucketedPool(MemoryPool):
             bufs, nbytes = self._drop_idle(dev)
             self._cleanups += 1
             self._cleanup_bytes += nbytes
-        del bufs
+            storages = self._drop_reclaimable(dev)
+            nbytes += sum(st.nbytes() for st in storages)
+        del bufs, storages
         return nbytes
 
     def clear(self) -> None:
@@ -271,12 +360,15 @@ class BucketedPool(MemoryPool):
         with self._lock:
             bufs, nbytes = self._drop_idle(None)
             self._cleared_bytes += nbytes
-        del bufs
+            storages = self._drop_reclaimable(None)
+        del bufs, storages
 
     def stats(self) -> dict[str, float]:
         with self._lock:
             self._sweep()
             requests = self._requests
+            reclaimable = sum(cap for lent in self._lent.values() for st, cap, _, _ in lent.values()
+                              if _USE_COUNT(st._cdata) == 1)
             return {
                 "requests": float(requests),
                 "reuses": float(self._reuses),
@@ -300,6 +392,12 @@ class BucketedPool(MemoryPool):
                 "cleared_bytes": float(self._cleared_bytes),
                 "dropped_bytes": float(self._dropped_bytes),
                 "oom_retries": float(self._oom_retries),
+                "reclaims": float(self._reclaims),
+                "reclaimed_bytes": float(self._reclaimed_bytes),
+                "reclaimable_bytes": float(reclaimable),
+                "lent_bytes": float(self._lent_bytes),
+                # Everything the pool holds that no caller uses: what it costs in memory.
+                "idle_bytes": float(self._pooled_bytes + reclaimable),
             }
 
     def bucket_bytes(self, nbytes: int) -> int:
@@ -343,7 +441,8 @@ class BucketedPool(MemoryPool):
         bucket = bisect.bisect_left(self._sizes, nbytes)
         if bucket == len(self._sizes):
             raise ValueError(f"memory pool: a buffer of {nbytes} bytes is beyond the largest bucket")
-        cap_elems = -(-self._sizes[bucket] // itemsize)
+        top = -(-nbytes // ALIGN) * ALIGN if self.exact else self._sizes[bucket]
+        cap_elems = -(-top // itemsize)
         dev = self._resolve(device)
         # "cuda" without an index follows torch.cuda.set_device, so it is resolved per call.
         per_call_device = dev.type == "cuda" and torch.device(device).index is None
@@ -373,19 +472,57 @@ class BucketedPool(MemoryPool):
                 self._oom_retries += 1
             return torch.empty(plan.cap_elems, dtype=dtype, device=dev)
 
-    def _lease(self, buf: torch.Tensor, key: FreeKey, plan: _Plan) -> None:
+    def _lease(self, buf: torch.Tensor, key: FreeKey, cap: int, asked: int) -> None:
         # Caller holds the lock.
         ident = id(buf)
         stale = self._in_use.get(ident)
         if stale is not None:  # its buffer died unreleased and its id was reused
             self._forget(stale)
-        self._in_use[ident] = (weakref.ref(buf), key, plan.cap_bytes, plan.nbytes)
-        self._in_use_bytes += plan.cap_bytes
-        self._slack += plan.cap_bytes - plan.nbytes
+        self._in_use[ident] = (weakref.ref(buf), key, cap, asked)
+        self._in_use_bytes += cap
+        self._slack += cap - asked
+        if self.reclaim and cap:
+            self._lend(buf, key, cap, ident)
         if self._in_use_bytes > self._peak_in_use:
             self._peak_in_use = self._in_use_bytes
         if len(self._in_use) > self._sweep_at:
             self._sweep()
+
+    def _lend(self, buf: torch.Tensor, key: FreeKey, cap: int, ident: int) -> None:
+        # Caller holds the lock. Remember the storage so it can be reclaimed once dropped.
+        storage = buf.untyped_storage()
+        lent = self._lent.setdefault(key, {})
+        known = lent.get(storage.data_ptr())
+        if known is not None:
+            lent[storage.data_ptr()] = (known[0], known[1], ident, self._requests)
+            return
+        if self.max_bytes is not None and self._lent_bytes + cap > self.max_bytes:
+            return  # past the cap the buffer is tracked weakly, as without reclaim
+        lent[storage.data_ptr()] = (storage, cap, ident, self._requests)
+        self._lent_bytes += cap
+
+    def _unlend(self, key: FreeKey, buf: torch.Tensor) -> None:
+        # Caller holds the lock. A released buffer lives on the free list instead.
+        lent = self._lent.get(key)
+        if lent:
+            entry = lent.pop(buf.untyped_storage().data_ptr(), None)
+            if entry is not None:
+                self._lent_bytes -= entry[1]
+
+    def _drop_reclaimable(self, dev: torch.device | None, lent_before: int | None = None
+                          ) -> list[torch.UntypedStorage]:
+        # Caller holds the lock. Their bytes were counted as dropped when their tensors died.
+        out = []
+        for key, lent in self._lent.items():
+            if dev is not None and key[0] != dev:
+                continue
+            idle = [p for p, (st, _, _, at) in lent.items()
+                    if (lent_before is None or at < lent_before) and _USE_COUNT(st._cdata) == 1]
+            for ptr_ in idle:
+                st, cap, _, _ = lent.pop(ptr_)
+                self._lent_bytes -= cap
+                out.append(st)
+        return out
 
     def _forget(self, lease: tuple[weakref.ref[torch.Tensor], FreeKey, int, int]) -> None:
         # Caller holds the lock and has removed `lease` from _in_use (or is replacing it).
@@ -448,6 +585,6 @@ class BucketedPool(MemoryPool):
         available, total = probe
         if available < max(self.min_free_bytes, self.min_free_fraction * total):
             with self._lock:
-                held = any(k[0] == dev for k in self._free)
+                held = any(k[0] == dev for k in self._free) or any(k[0] == dev and v for k, v in self._lent.items())
             if held:
                 self.cleanup(dev)

@@ -76,7 +76,7 @@ _CACHE_COUNTERS = frozenset(("hits", "misses", "evictions", "promotions", "demot
                              "pregenerated", "build_s", "lookup_s"))
 _POOL_COUNTERS = frozenset(("requests", "reuses", "allocations", "releases", "ignored_releases", "dropped",
                             "evictions", "evicted_bytes", "cleanups", "cleanup_bytes", "cleared_bytes",
-                            "dropped_bytes", "oom_retries"))
+                            "dropped_bytes", "oom_retries", "reclaims", "reclaimed_bytes", "allocated_bytes"))
 _CACHE_COLUMNS = ("hits", "misses", "hit_rate", "evictions", "entries", "bytes", "promotions", "demotions",
                   "h2d_copies", "h2d_bytes", "build_s")
 
@@ -360,7 +360,9 @@ def _stat_columns(cache: dict[str, float], pool: dict[str, float]) -> dict[str, 
 
 def _held_bytes(var: Variant) -> tuple[float, float]:
     """(idle pool bytes, cached pattern bytes) a candidate holds outside any call."""
-    pool = float(var.parts.pool.stats().get("pooled_bytes", 0.0))
+    st = var.parts.pool.stats()
+    # idle_bytes adds the reclaimable buffers (memory.reclaim) to the released ones.
+    pool = float(st.get("idle_bytes", st.get("pooled_bytes", 0.0)))
     cache = float(collect_stats(var.parts.caches).get("bytes", 0.0))
     return pool, cache
 
@@ -452,6 +454,10 @@ def run_case(p: PreparedBench, n: int, matmul_tflops: float | None) -> list[dict
     base = {"target": s.target, "seq_len": n, "dtype": s.dtype_name, "mode": s.mode, "device": str(dev),
             "warmup": s.warmup, "repeats": s.repeats}
     make = _model_case if s.target == "model" else _attention_case
+    # Each case starts with empty pools, as its peak figures start from zero: buffers
+    # sized for the previous N would otherwise count as idle memory held here.
+    for var in p.variants:
+        var.parts.pool.clear()
     try:
         for var in p.variants:
             pregenerate_patterns(var.modules(), n, dev)
