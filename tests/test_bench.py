@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from dilexp.bench.flops import FWD_BWD_FACTOR, attention_flops, model_flops
 from dilexp.bench.timing import Candidate, is_oom, run_interleaved, spread
@@ -391,3 +392,15 @@ def test_compared_variant_gets_the_pattern_but_not_settings_it_cannot_take(compo
     assert other.attention.name == "improved"
     assert list(other.attention.segment_lengths) == [32, 64]
     assert "chunks" not in other.attention and "placement" not in other.attention
+
+
+def test_a_twin_gets_its_option_from_the_yaml_not_the_class_defaults() -> None:
+    """bench.compare_memory=bucketed must compare with the pool `memory=bucketed` builds."""
+    from dilexp.tasks.bench import with_group
+
+    cfg = OmegaConf.create({"memory": {"kind": "none"}, "cache": {"strategy": "none"}})
+    mem = with_group(cfg, "memory", "kind", "bucketed").memory
+    want = OmegaConf.load(Path(__file__).resolve().parents[1] / "conf" / "memory" / "bucketed.yaml")
+    assert mem.kind == "bucketed" and mem.reclaim == want.reclaim and mem.exact == want.exact
+    assert with_group(cfg, "cache", "strategy", "cpu").cache.strategy == "cpu"
+    assert cfg.memory.kind == "none"  # the main config is left alone

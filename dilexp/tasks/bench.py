@@ -78,7 +78,8 @@ _POOL_COUNTERS = frozenset(("requests", "reuses", "allocations", "releases", "ig
                             "evictions", "evicted_bytes", "cleanups", "cleanup_bytes", "cleared_bytes",
                             "dropped_bytes", "oom_retries", "reclaims", "reclaimed_bytes", "allocated_bytes"))
 _CACHE_COLUMNS = ("hits", "misses", "hit_rate", "evictions", "entries", "bytes", "promotions", "demotions",
-                  "h2d_copies", "h2d_bytes", "build_s")
+                  "h2d_copies", "h2d_bytes", "build_s", "hot_entries", "hot_bytes", "cold_entries",
+                  "cold_bytes", "pregenerated")
 
 
 # -- settings -------------------------------------------------------------------------------
@@ -208,12 +209,21 @@ def with_attention(cfg: DictConfig, name: str, keep_settings: bool) -> DictConfi
     return out
 
 
+# The config groups the twins' options come from (the package is installed editable, beside conf/).
+_CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
 def with_group(cfg: DictConfig, group: str, field_name: str, choice: str) -> DictConfig:
-    """A copy of ``cfg`` whose cache (or memory) node is ``choice`` with that option's built-in
-    defaults: the class defaults, which honour the same environment variables as the yaml."""
+    """A copy of ``cfg`` whose cache (or memory) node is ``choice`` as ``<group>=<choice>`` on the
+    command line would give it: that option's yaml (so a twin with ``memory=bucketed`` gets the
+    same reclaim/exact settings as a main build with it), or the class defaults without one."""
     out = copy.deepcopy(cfg)
+    path = _CONF_DIR / group / f"{choice}.yaml"
+    node = OmegaConf.load(path) if path.is_file() else OmegaConf.create({})
+    with open_dict(node):
+        node[field_name] = choice
     with open_dict(out):
-        out[group] = OmegaConf.create({field_name: choice})
+        out[group] = node
     return out
 
 
