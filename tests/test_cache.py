@@ -473,7 +473,7 @@ def test_pregenerate_patterns_prepares_only_modules_that_ask() -> None:
             self.cache = cache
             self.prepared: list[int] = []
 
-        def prepare(self, n: int, device: str) -> None:
+        def prepare(self, n: int, device: str, causal: bool | None = None) -> None:
             self.prepared.append(n)
             for i in range(3):
                 self.cache.get_or_build(("pre", n, i), lambda i=i: pat(i), device)
@@ -533,3 +533,26 @@ def test_gpu_strategy_hot_tier_on_cuda_cold_tier_on_host() -> None:
     with cache.pregenerating():
         cache.get_or_build("pre", lambda: pat(3), cuda)
     assert cache._hot[("pre", cuda)][0].device == cuda
+
+
+@pytest.mark.parametrize("variant", ["dilated", "block_sparse", "ring_v3"])
+def test_pregenerating_one_mask_builds_only_its_patterns_and_the_calls_all_hit(variant: str) -> None:
+    """A language model only ever calls with causal=True: pre-building the other mask's
+    patterns would hold memory for nothing (it doubled the gpu cache's bytes)."""
+    from dilexp.attention import build
+
+    settings = {"block_sparse": dict(block_size=8)}.get(
+        variant, dict(segment_lengths=[8, 16], dilation_rates=[1, 2]))
+    entries = {}
+    for causal in (None, True):
+        reset_global_cache()  # the gpu strategy is process-wide
+        cache = build_cache("gpu", pregenerate=True)
+        attn = build(variant, num_heads=2, head_dim=4, cache=cache, **settings)
+        pregenerate_patterns([attn], 32, "cpu", causal=causal)
+        entries[causal] = cache.stats()["entries"]
+        if causal:
+            x = torch.randn(1, 32, 2, 4)
+            attn(x, x, x, causal=True)
+            st = cache.stats()
+            assert st["misses"] == 0 and st["entries"] == entries[True]
+    assert 0 < entries[True] < entries[None]

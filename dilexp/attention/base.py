@@ -45,11 +45,12 @@ class Attention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
         raise NotImplementedError
 
-    def prepare(self, n: int, device: torch.device | str) -> None:
+    def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
         """Build, through the cache, every pattern a length-``n`` call on ``device`` needs.
 
-        Used for pregeneration (cache=gpu) so the first step is already a hit. Variants
-        with patterns override it; the default has nothing to build.
+        ``causal``: the mask the calls will use; None builds both (a caller that will use
+        both, or does not know). Used for pregeneration (cache=gpu) so the first step is
+        already a hit. Variants with patterns override it; the default has nothing to build.
         """
         return None
 

@@ -78,10 +78,9 @@ class BlockSparseAttention(Attention):
         """The cached gather plan for length ``n`` on ``device``."""
         return self.cache.get_or_build(self._key(n, causal), lambda: self.pattern.plan(n, causal), device)
 
-    def prepare(self, n: int, device: torch.device | str) -> None:
-        # Training and evaluation may use either mask, so both plans are pre-built.
-        for causal in (False, True):
-            self.plan(n, causal, device)
+    def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
+        for c in (False, True) if causal is None else (causal,):
+            self.plan(n, c, device)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
         self._check_input(q, k, v)

@@ -99,13 +99,13 @@ class DilatedAttention(Attention):
             ("dilated_heads", b.heads), lambda: torch.tensor(b.heads, dtype=torch.int64), device
         )
 
-    def prepare(self, n: int, device: torch.device | str) -> None:
+    def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
         for b in self.branches:
             self._positions(n, b, device)
             self._scatter(n, b, device)
             self._heads(b, device)
-            for causal in (False, True):
-                self._mask(n, b, causal, device)
+            for c in (False, True) if causal is None else (causal,):
+                self._mask(n, b, c, device)
 
     def dense_multiplicity(self, n: int) -> torch.Tensor:
         return self.pattern.dense_multiplicity(n, self.num_heads)

@@ -318,9 +318,9 @@ class FlexDilatedAttention(Attention):
             key, lambda: build(p, self.num_heads, n, self.block_size, causal, dev), device
         )
 
-    def prepare(self, n: int, device: torch.device | str) -> None:
-        for causal in (False, True):
-            self.plan(n, causal, device)
+    def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
+        for c in (False, True) if causal is None else (causal,):
+            self.plan(n, c, device)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
         self._check_input(q, k, v)

@@ -243,8 +243,8 @@ class ImprovedDilatedAttention(Attention):
         key = ("improved_plan", n, self.num_heads, p.segment_lengths, p.dilation_rates, p.offsets, p.heads)
         return self.cache.get_or_build(key, lambda: plan_branches(p, n, self.num_heads), device)
 
-    def prepare(self, n: int, device: torch.device | str) -> None:
-        self._plans(n, device)
+    def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
+        self._plans(n, device)  # one plan serves both masks
 
     def dense_multiplicity(self, n: int) -> torch.Tensor:
         return self.pattern.dense_multiplicity(n, self.num_heads)

@@ -415,7 +415,7 @@ class RingDilatedAttention(Attention):
         return make_layout(self.branches, n, world, rank, self.chunks, self.placement, causal)
 
     def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
-        """Build the plan this rank uses for global length ``n`` (both causal flags by default)."""
+        """Build the plan this rank uses for global length ``n`` (both causal flags when None)."""
         group = self.resolve_group()
         _, world = group_rank_world(group)
         check_shardable(n, world)
@@ -462,9 +462,10 @@ class RingDilatedAttention(Attention):
         rank, world = group_rank_world(group)
         n = self._resolve_len(q.shape[1], group, rank, world, q.device)
         if self.pregenerate:
-            key = (n, rank, world, q.device)
+            # Only the mask this call uses: a plan for the other one would be held for nothing.
+            key = (n, rank, world, q.device, bool(causal))
             if key not in self._prepared:
-                self.prepare(n, q.device)
+                self.prepare(n, q.device, bool(causal))
                 self._prepared.add(key)
         lay = self.layout(n, bool(causal), group)
         runner = _Runner(self, lay, group, bool(causal), q.device)

@@ -72,10 +72,12 @@ def build_cache(strategy: str, **settings: Any) -> PatternCache:
         return cache
 
 
-def pregenerate_patterns(modules: Iterable[Any], n: int, device: torch.device | str | None) -> int:
+def pregenerate_patterns(modules: Iterable[Any], n: int, device: torch.device | str | None,
+                         causal: bool | None = None) -> int:
     """Pre-build the patterns of every attention module whose cache asks for it.
 
-    Calls ``module.prepare(n, device)`` inside ``module.cache.pregenerating()`` for each
+    ``causal``: the mask the calls will use (a language model's: True); None builds both.
+    Calls ``module.prepare(n, device, causal)`` inside ``module.cache.pregenerating()`` for each
     module whose cache has ``pregenerate`` set (``cache=gpu`` by default), so those
     builds land in the hot tier and stay out of hit/miss counts. Returns how many
     modules were prepared.
@@ -85,7 +87,7 @@ def pregenerate_patterns(modules: Iterable[Any], n: int, device: torch.device | 
         cache = getattr(module, "cache", None)
         if isinstance(cache, PatternCache) and cache.pregenerate and hasattr(module, "prepare"):
             with cache.pregenerating():
-                module.prepare(n, device)
+                module.prepare(n, device, causal)
             prepared += 1
     return prepared
 

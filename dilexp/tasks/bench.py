@@ -470,7 +470,8 @@ def run_case(p: PreparedBench, n: int, matmul_tflops: float | None) -> list[dict
         var.parts.pool.clear()
     try:
         for var in p.variants:
-            pregenerate_patterns(var.modules(), n, dev)
+            # The model's attention is always causal; the layer's is bench.causal.
+            pregenerate_patterns(var.modules(), n, dev, True if s.target == "model" else s.causal)
         case, shape = make(p, n)
     except Exception as e:  # noqa: BLE001 - e.g. the inputs themselves do not fit: every candidate fails alike
         status, msg = ("oom" if is_oom(e) else "error"), f"{type(e).__name__}: {e}"[:500]

@@ -52,7 +52,7 @@ class ContextParallel:
             raise ConfigError("hardware.devices", self.world, f"the process group has {world} ranks")
         configure_ring(model, self.seq_len)
         rings = [m for m in model.modules() if isinstance(m, RingDilatedAttention)]
-        pregenerate_patterns(rings, self.seq_len, device)
+        pregenerate_patterns(rings, self.seq_len, device, causal=True)  # a language model's mask
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the context-parallel group (not differentiable: for logging)."""

@@ -145,7 +145,8 @@ class Prepared:
         self.cp = ContextParallel.from_config(cfg, self.seq_len)
         if self.cp is None:
             # Under cp the patterns depend on the shard layout: they are built once the group exists.
-            pregenerate_patterns(self.model.attention_modules(), self.seq_len, self.device)
+            # The model's attention is always causal: the other mask's patterns would only be held.
+            pregenerate_patterns(self.model.attention_modules(), self.seq_len, self.device, causal=True)
 
 
 def strategy(hw: DictConfig) -> Any:

@@ -36,7 +36,7 @@ def main() -> None:
         cache = build_cache(strategy, **extra)
         attn = build(name, cache=cache, **SETTINGS)
         for n in (1024, 2048, 4096):
-            pregenerate_patterns([attn], n, "cpu")
+            pregenerate_patterns([attn], n, "cpu", causal=True)  # as the bench does with bench.causal=true
             gen = torch.Generator().manual_seed(n)
             q, k, v = (torch.randn(1, n, 8, 64, generator=gen, requires_grad=True) for _ in range(3))
             for _ in range(4):
