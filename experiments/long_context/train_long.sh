@@ -2,14 +2,8 @@
 # Longer N for the sparse arms of experiments/long_context: the same 524,288-token budget at
 # 64K (8 steps) and 128K (4 steps). sdpa is left out: one step at 64K takes ~143 s on one core,
 # ~10 min at 128K (4 steps + validation: ~50 min). Run from the repository root.
-set -u
-LOCK=${LOCK:-/tmp/dilexp_lc.lock}
-run() {  # run <folder> <overrides...>
-  local dir=outputs/long_context/train/$1; shift
-  flock "$LOCK" python -m dilexp "$@" hydra.run.dir="$dir" > "$dir.log" 2>&1
-  echo "$(date -u +%H:%M:%S) $dir rc=$? load=$(cut -d' ' -f1-3 /proc/loadavg)"
-}
-mkdir -p outputs/long_context/train
+. "$(dirname "$0")/run_lib.sh"
+run() { run_job train "$@"; }  # run <folder> <overrides...>
 for N in 65536 131072; do
   S=$((524288 / N))
   run dilated_$N experiment=long_context_sparse data.seq_len=$N task.max_steps=$S
