@@ -12,7 +12,6 @@ import os
 import shutil
 import sys
 import traceback
-from pathlib import Path
 from typing import Any
 
 import hydra
@@ -20,10 +19,10 @@ from omegaconf import DictConfig
 
 import dilexp.sweep  # noqa: F401  (registers the resolvers the Hydra config uses, also for --cfg)
 from dilexp.errors import ConfigError
+from dilexp.paths import CONF_DIR
 from dilexp.tasks.context import JobContext, resolved
 
 log = logging.getLogger("dilexp")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def _say(msg: str) -> None:

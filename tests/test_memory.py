@@ -393,19 +393,17 @@ def test_reclaim_respects_dtype_inference_mode_and_the_cap() -> None:
     with torch.inference_mode():
         assert ptr(pool.empty((256,), F32, CPU)) != pa
     big = pool.empty((2048,), F32, CPU)  # 8 KiB > cap: tracked weakly only
-    pbig = ptr(big)
     del big
     assert check_books(pool)["lent_bytes"] <= 4096
     pool.empty((2048,), F32, CPU)  # malloc may well return the same address: count instead
-    assert pbig and check_books(pool)["reclaims"] == 0
+    assert check_books(pool)["reclaims"] == 0
 
 
 def test_cleanup_and_clear_let_go_of_reclaimable_buffers() -> None:
     pool = BucketedPool(reclaim=True)
     a = pool.empty((128,), F32, CPU)
-    pa = ptr(a)
     del a
-    assert pa and pool.cleanup(CPU) == 512
+    assert pool.cleanup(CPU) == 512
     b = pool.empty((128,), F32, CPU)  # a fresh allocation (malloc may reuse the address)
     assert check_books(pool)["reclaims"] == 0
     del b

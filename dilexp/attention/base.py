@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -13,13 +15,16 @@ from dilexp.memory.base import MemoryPool, NoPool
 class Attention(nn.Module):
     """Base class of the variants.
 
-    Subclasses implement ``forward(q, k, v, causal)`` and ``dense_multiplicity(n)``: the
-    (H, N, N) integer tensor of how often each key is selected for each query (0 =
-    masked), before the causal mask. It is the oracle for tests and the FLOP counter
-    for benchmarks; it is never used on the hot path.
+    Subclasses implement ``forward(q, k, v, causal)`` and either keep their pattern in
+    ``self.pattern`` or override ``dense_multiplicity(n)``: the (H, N, N) integer tensor
+    of how often each key is selected for each query (0 = masked), before the causal mask.
+    It is the oracle for tests and the FLOP counter for benchmarks; it is never used on
+    the hot path.
     """
 
     name: str = "base"
+    # DilatedPattern or BlockSparsePattern, set by the variants that have one.
+    pattern: Any = None
 
     def __init__(
         self,
@@ -55,8 +60,13 @@ class Attention(nn.Module):
         return None
 
     def dense_multiplicity(self, n: int) -> torch.Tensor:
-        """(H, N, N) int tensor: times each key is selected for each query (no causal mask)."""
-        raise NotImplementedError
+        """(H, N, N) int tensor: times each key is selected for each query (no causal mask).
+
+        The pattern's own (patterns/), for variants that keep one in ``self.pattern``.
+        """
+        if self.pattern is None:
+            raise NotImplementedError(f"{type(self).__name__}: no pattern, so dense_multiplicity must be overridden")
+        return self.pattern.dense_multiplicity(n, self.num_heads)
 
     def allowed_pairs(self, n: int, causal: bool) -> int:
         """Query-key pairs the pattern computes (with multiplicity): the useful-FLOP count.

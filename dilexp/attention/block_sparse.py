@@ -125,9 +125,6 @@ class BlockSparseAttention(Attention):
         # Closed form, so benchmarks can count useful FLOPs at any N without an N x N mask.
         return self.num_heads * self.pattern.allowed_pairs(n, causal)
 
-    def dense_multiplicity(self, n: int) -> torch.Tensor:
-        return self.pattern.dense_multiplicity(n, self.num_heads)
-
     def extra_repr(self) -> str:
         p = self.pattern
         return (

@@ -107,9 +107,6 @@ class DilatedAttention(Attention):
             for c in (False, True) if causal is None else (causal,):
                 self._mask(n, b, c, device)
 
-    def dense_multiplicity(self, n: int) -> torch.Tensor:
-        return self.pattern.dense_multiplicity(n, self.num_heads)
-
     # -- compute ----------------------------------------------------------------------------
 
     def forward(

@@ -361,9 +361,6 @@ class FlexDilatedAttention(Attention):
         out = (weights.unsqueeze(-1) * o.view(b, m, h, n, d)).sum(dim=1)
         return out.transpose(1, 2)
 
-    def dense_multiplicity(self, n: int) -> torch.Tensor:
-        return self.pattern.dense_multiplicity(n, self.num_heads)
-
     def extra_repr(self) -> str:
         p = self.pattern
         return (

@@ -246,9 +246,6 @@ class ImprovedDilatedAttention(Attention):
     def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
         self._plans(n, device)  # one plan serves both masks
 
-    def dense_multiplicity(self, n: int) -> torch.Tensor:
-        return self.pattern.dense_multiplicity(n, self.num_heads)
-
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
     ) -> torch.Tensor:

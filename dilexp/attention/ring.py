@@ -431,9 +431,6 @@ class RingDilatedAttention(Attention):
         for c in flags:
             self.ring_plan(self.layout(n, c, group), c, device)
 
-    def dense_multiplicity(self, n: int) -> torch.Tensor:
-        return self.pattern.dense_multiplicity(n, self.num_heads)
-
     # -- stats -------------------------------------------------------------------------
 
     def ring_stats(self) -> dict[str, float]:

@@ -53,6 +53,7 @@ from dilexp.cache import STRATEGIES, PatternCache, build_cache, collect_stats, p
 from dilexp.errors import ConfigError
 from dilexp.memory import POOLS
 from dilexp.models import GPT
+from dilexp.paths import CONF_DIR
 from dilexp.patterns.dilated import DilatedPattern, segment_positions
 from dilexp.tasks.components import AttentionParts, apply_hardware, attention_parts, build_model, compute_device
 from dilexp.tasks.context import JobContext, resolved
@@ -209,16 +210,12 @@ def with_attention(cfg: DictConfig, name: str, keep_settings: bool) -> DictConfi
     return out
 
 
-# The config groups the twins' options come from (the package is installed editable, beside conf/).
-_CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-
-
 def with_group(cfg: DictConfig, group: str, field_name: str, choice: str) -> DictConfig:
     """A copy of ``cfg`` whose cache (or memory) node is ``choice`` as ``<group>=<choice>`` on the
     command line would give it: that option's yaml (so a twin with ``memory=bucketed`` gets the
     same reclaim/exact settings as a main build with it), or the class defaults without one."""
     out = copy.deepcopy(cfg)
-    path = _CONF_DIR / group / f"{choice}.yaml"
+    path = Path(CONF_DIR) / group / f"{choice}.yaml"
     node = OmegaConf.load(path) if path.is_file() else OmegaConf.create({})
     with open_dict(node):
         node[field_name] = choice

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 import dilexp
+from dilexp.paths import REPO_ROOT
 
 SUMMARY = "summary.json"
 
@@ -34,14 +35,13 @@ def _cpu_name() -> str:
 
 def git_commit() -> str | None:
     """The commit of the dilexp checkout, when it is one (None for an installed wheel)."""
-    root = Path(dilexp.__file__).resolve().parent.parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
         return None
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
                            capture_output=True, text=True, timeout=5).stdout.strip()
     return out.stdout.strip() + ("-dirty" if dirty else "")
 
