@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import OmegaConf
+from reference_check import max_errors
 
 from dilexp.attention import build
 from dilexp.attention.reference import dense_reference
@@ -116,24 +117,6 @@ def test_plan_visits_each_allowed_block_pair_exactly_once(n: int, causal: bool) 
         assert torch.equal(order, perm) and torch.equal(perm[inv], torch.arange(layout.shape[0]))
 
 
-def max_errors(attn: torch.nn.Module, b: int, n: int, causal: bool, dtype: torch.dtype = torch.float32,
-               seed: int = 0) -> tuple[float, float]:
-    """(forward, gradient) max abs error against the float64 reference on the pattern's own mask."""
-    gen = torch.Generator().manual_seed(seed)
-    h, d = attn.num_heads, attn.head_dim
-    q, k, v = (torch.randn(b, n, h, d, generator=gen).to(dtype).requires_grad_() for _ in range(3))
-    grad_out = torch.randn(b, n, h, d, generator=gen).to(dtype)
-    out = attn(q, k, v, causal=causal)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref = dense_reference(q64, k64, v64, attn.pattern.dense_multiplicity(n, h), causal)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out.double())
-    assert out.shape == ref.shape and out.dtype == dtype
-    fwd = (out.double() - ref).abs().max().item()
-    bwd = max((g.double() - r).abs().max().item() for g, r in zip(grads, ref_grads, strict=True))
-    return fwd, bwd
-
-
 # (B, N, H, D, settings): each row covers an edge of the pattern or of the kernel.
 CASES = [
     pytest.param(2, 64, 3, 8, dict(block_size=16, local_blocks=1, dilation=2, global_blocks=1), id="multiple"),
@@ -151,13 +134,13 @@ CASES = [
 def test_block_sparse_matches_reference(b: int, n: int, h: int, d: int, settings: dict, causal: bool) -> None:
     attn = build("block_sparse", num_heads=h, head_dim=d, **settings)
     assert torch.equal(attn.dense_multiplicity(n), attn.pattern.dense_multiplicity(n, h))
-    fwd, bwd = max_errors(attn, b, n, causal)
+    fwd, bwd = max_errors(attn, attn.pattern, b, n, causal)
     assert fwd <= 1e-4 and bwd <= 1e-4, (fwd, bwd)
 
 
 def test_block_sparse_bf16_within_design_tolerance() -> None:
     attn = build("block_sparse", num_heads=2, head_dim=16, block_size=8, local_blocks=1, dilation=2)
-    fwd, _ = max_errors(attn, 1, 45, causal=True, dtype=torch.bfloat16)
+    fwd, _ = max_errors(attn, attn.pattern, 1, 45, causal=True, dtype=torch.bfloat16)
     assert fwd <= 2e-2
 
 
@@ -224,7 +207,7 @@ def test_default_config_is_valid_for_the_default_run() -> None:
     cfg = OmegaConf.to_container(OmegaConf.load(CONF))
     name = cfg.pop("name")
     attn = build(name, num_heads=4, head_dim=32, **cfg)
-    fwd, bwd = max_errors(attn, 1, 512, causal=True)
+    fwd, bwd = max_errors(attn, attn.pattern, 1, 512, causal=True)
     assert fwd <= 1e-4 and bwd <= 1e-4
     assert 0.0 < attn.pattern.achieved_sparsity(512) < 1.0
 
@@ -234,5 +217,5 @@ def test_plans_travel_through_every_cache_strategy(strategy: str) -> None:
     # cpu / gpu strategies store copies and move them back on a hit: the plan must survive that.
     attn = build("block_sparse", num_heads=2, head_dim=8, block_size=8, global_blocks=2, cache=build_cache(strategy))
     for _ in range(3):
-        fwd, bwd = max_errors(attn, 1, 70, causal=True)
+        fwd, bwd = max_errors(attn, attn.pattern, 1, 70, causal=True)
         assert fwd <= 1e-4 and bwd <= 1e-4

@@ -6,9 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_check import max_errors
 
 from dilexp.attention import build
-from dilexp.attention.reference import dense_reference
 from dilexp.cache import build_cache
 from dilexp.errors import ConfigError
 from dilexp.patterns.dilated import DilatedPattern
@@ -22,25 +22,6 @@ CASES = [
     pytest.param(1, 13, 3, 4, [2, 5, 3], [4, 2, 1], id="rate>length"),
     pytest.param(2, 10, 4, 8, [8], [4], id="empty-tail"),
 ]
-
-
-def max_errors(attn: torch.nn.Module, pattern: DilatedPattern, b: int, n: int, causal: bool,
-               dtype: torch.dtype = torch.float32, seed: int = 0) -> tuple[float, float]:
-    """(forward, gradient) max abs error of ``attn`` against the float64 reference on ``pattern``."""
-    gen = torch.Generator().manual_seed(seed)
-    h, d = attn.num_heads, attn.head_dim
-    q, k, v = (torch.randn(b, n, h, d, generator=gen).to(dtype).requires_grad_() for _ in range(3))
-    grad_out = torch.randn(b, n, h, d, generator=gen).to(dtype)
-    out = attn(q, k, v, causal=causal)
-    grads = torch.autograd.grad(out, (q, k, v), grad_out)
-
-    q64, k64, v64 = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref = dense_reference(q64, k64, v64, pattern.dense_multiplicity(n, h), causal)
-    ref_grads = torch.autograd.grad(ref, (q64, k64, v64), grad_out.double())
-    assert out.shape == ref.shape and out.dtype == dtype
-    fwd = (out.double() - ref).abs().max().item()
-    bwd = max((g.double() - r).abs().max().item() for g, r in zip(grads, ref_grads, strict=True))
-    return fwd, bwd
 
 
 def _build(name: str, h: int, d: int, seg: list[int], rates: list[int], **kw: str) -> tuple:

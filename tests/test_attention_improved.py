@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference_check import max_errors
 
 from dilexp.attention import build
 from dilexp.attention.improved import plan_branches
@@ -23,36 +24,6 @@ CASES = [
     pytest.param(2, 10, 4, 8, [8], [4], id="empty-tail"),
     pytest.param(2, 18, 3, 8, [6, 9, 18], [3, 2, 4], id="w%r!=0"),
 ]
-
-
-def max_errors(attn: torch.nn.Module, pattern: DilatedPattern, b: int, n: int, causal: bool,
-               dtype: torch.dtype = torch.float32, seed: int = 0,
-               layout: str = "bnhd") -> tuple[float, float]:
-    """(forward, gradient) max abs error against the float64 reference on ``pattern``.
-
-    layout="qkv" feeds strided q/k/v sliced out of one fused projection, as a model does.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    h, d = attn.num_heads, attn.head_dim
-    if layout == "qkv":
-        qkv = torch.randn(b, n, 3, h, d, generator=gen).to(dtype).requires_grad_()
-        q, k, v = qkv.unbind(2)
-        leaves: tuple[torch.Tensor, ...] = (qkv,)
-    else:
-        q, k, v = (torch.randn(b, n, h, d, generator=gen).to(dtype).requires_grad_() for _ in range(3))
-        leaves = (q, k, v)
-    grad_out = torch.randn(b, n, h, d, generator=gen).to(dtype)
-    out = attn(q, k, v, causal=causal)
-    grads = torch.autograd.grad(out, leaves, grad_out)
-
-    leaves64 = tuple(x.detach().double().requires_grad_() for x in leaves)
-    q64, k64, v64 = leaves64[0].unbind(2) if layout == "qkv" else leaves64
-    ref = dense_reference(q64, k64, v64, pattern.dense_multiplicity(n, h), causal)
-    ref_grads = torch.autograd.grad(ref, leaves64, grad_out.double())
-    assert out.shape == ref.shape and out.dtype == dtype
-    fwd = (out.double() - ref).abs().max().item()
-    bwd = max((g.double() - r).abs().max().item() for g, r in zip(grads, ref_grads, strict=True))
-    return fwd, bwd
 
 
 def _build(h: int, d: int, seg: list[int], rates: list[int], fused: bool = True, **kw) -> tuple:

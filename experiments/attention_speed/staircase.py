@@ -18,10 +18,12 @@ attention uses) and adds the pieces' gradients. FLOPs are counted as DESIGN sect
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from kernel_roof import FLASH as flash  # this script's folder is on sys.path when run as a script
+from kernel_roof import FLASH_BWD as flash_bwd
+from kernel_roof import median_s
 
 D = 64
 L = 2048
@@ -29,18 +31,6 @@ BATCH = 8
 SIDES = (1024, 512, 256, 128, 64)
 ROUNDS = 9
 SCALE = D**-0.5
-flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
-
-
-def median_s(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _rect(x: torch.Tensor, side: int, half: int) -> torch.Tensor:
