@@ -3,6 +3,7 @@
     python -m dilexp.compare outputs/multirun/2026-11-22/10-00-00-123456-ab12
     python -m dilexp.compare SWEEP --baseline attention=sdpa --format md --out table.md
     python -m dilexp.compare SWEEP --plot time.png --x seq_len --y median_ms
+    python -m dilexp.compare SWEEP --frontier    # tok/s x val/acc Pareto front (dilexp.frontier)
     python -m dilexp.compare --wandb my-team/dilexp --group sweep-2026-11-22_10-00-00-123456-ab12
 
 PATHs are run folders, sweep folders or any folder above them: every summary.json below is a
@@ -680,8 +681,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--format", choices=("table", "md", "csv"), help="default: table, or from --out's suffix")
     p.add_argument("--out", type=Path, help="write the table here instead of the terminal")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="plot --y against --x, one line per configuration")
-    p.add_argument("--x", default="seq_len", help="plot x: a setting or bench field (default: seq_len)")
-    p.add_argument("--y", default="median_ms", help="plot y: a metric (default: median_ms)")
+    p.add_argument("--x", help="plot x: a setting or bench field (default: seq_len; --frontier: a metric, "
+                               "perf/tokens_per_s_median)")
+    p.add_argument("--y", help="plot y: a metric (default: median_ms; --frontier: val/acc)")
+    p.add_argument("--frontier", action="store_true", help="train runs: --y vs --x per configuration, the Pareto "
+                                                           "front marked and printed; plot to --plot (frontier.png)")
+    p.add_argument("--minimize", action="append", choices=("x", "y"), help="--frontier: lower is better on this axis")
     p.add_argument("--wandb", metavar="ENTITY/PROJECT", help="also read the runs of this W&B project (online only)")
     p.add_argument("--group", help="with --wandb: the W&B group (a sweep's: sweep-<date>_<time>-<suffix>)")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the ratio interval")
@@ -698,8 +703,13 @@ def run(args: argparse.Namespace) -> int:
         runs += wandb_runs(args.wandb, args.group)
     if not runs:
         raise CompareError(f"no runs found (no {SUMMARY} below {', '.join(map(str, args.paths))})")
+    where = [_parse_pair(w, "--where") for w in args.where]
+    if args.frontier:
+        from dilexp.frontier import run_frontier
+
+        return run_frontier(runs, args, where)
     specs = [s.strip() for s in args.metrics.split(",") if s.strip()] if args.metrics else None
-    tables = make_tables(runs, specs, args.rows, [_parse_pair(w, "--where") for w in args.where])
+    tables = make_tables(runs, specs, args.rows, where)
     if not tables:
         raise CompareError("no rows left after --where")
     if args.baseline:
@@ -737,7 +747,7 @@ def run(args: argparse.Namespace) -> int:
             args.out.write_text(text)
             print(f"dilexp.compare: wrote {args.out}", file=sys.stderr)
     if args.plot:
-        info = plot(tables, args.plot, args.x, args.y)
+        info = plot(tables, args.plot, args.x or "seq_len", args.y or "median_ms")
         print(f"dilexp.compare: wrote {info.path} ({info.y} vs {info.x}, {len(info.lines)} lines)", file=sys.stderr)
     return 0
 
