@@ -39,7 +39,11 @@ def _prepare(cfg: DictConfig) -> Any:
         from dilexp.tasks.bench import PreparedBench
 
         return PreparedBench(cfg)
-    raise ConfigError("task.name", name, "choose 'train' or 'bench'")
+    if name == "eval":
+        from dilexp.tasks.eval import PreparedEval
+
+        return PreparedEval(cfg)
+    raise ConfigError("task.name", name, "choose 'train', 'bench' or 'eval'")
 
 
 def _run(cfg: DictConfig, ctx: JobContext, prepared: Any, record: Any) -> dict[str, Any]:
@@ -47,6 +51,10 @@ def _run(cfg: DictConfig, ctx: JobContext, prepared: Any, record: Any) -> dict[s
         from dilexp.tasks.train import run_train
 
         return run_train(cfg, ctx, prepared, record)
+    if cfg.task.name == "eval":
+        from dilexp.tasks.eval import run_eval
+
+        return run_eval(cfg, ctx, prepared, record)
     from dilexp.tasks.bench import run_bench
 
     return run_bench(cfg, ctx, prepared, record)

@@ -36,7 +36,9 @@ def build_datamodule(data: Any, batch_size: int, seed: int) -> DataModule:
     workers = int(data.get("num_workers", 0))
     if data.name == "recall":
         common = dict(seq_len=seq_len, vocab_size=int(data.vocab_size), num_pairs=int(data.num_pairs),
-                      num_queries=int(data.num_queries), seed=seed)
+                      num_queries=int(data.num_queries), seed=seed,
+                      context_fraction=float(data.get("context_fraction", 0.5)),
+                      filler=str(data.get("filler", "blank")), pair_layout=str(data.get("pair_layout", "spread")))
         train = RecallDataset(num_samples=int(data.train_samples), split="train", **common)
         val = RecallDataset(num_samples=int(data.val_samples), split="val", **common)
         return DataModule(train, val, train.vocab_size, batch_size, workers)

@@ -60,8 +60,12 @@ class ContextParallel:
         torch.distributed.all_reduce(out, group=D.context_parallel_group())
         return out
 
+    def shard_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's shard of a (B, N, ...) tensor."""
+        return D.shard_sequence(x, self.rank, self.world, self.placement)
+
     def shard(self, ids: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        parts = [D.shard_sequence(x, self.rank, self.world, self.placement) for x in (ids, targets, mask)]
+        parts = [self.shard_tensor(x) for x in (ids, targets, mask)]
         positions = D.shard_positions(self.seq_len, self.rank, self.world, self.placement).to(ids.device)
         return parts[0], parts[1], parts[2], positions

@@ -8,16 +8,19 @@ from typing import Any
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from dilexp.attention.ring import ring_stats
 from dilexp.cache import pregenerate_patterns
 from dilexp.data import build_datamodule
 from dilexp.errors import ConfigError
-from dilexp.models import GPT, masked_cross_entropy
+from dilexp.evals import BinnedTotals
+from dilexp.models import GPT
 from dilexp.tasks.components import apply_hardware, build_model, compute_device
 from dilexp.tasks.context import JobContext, resolved
 from dilexp.tasks.context_parallel import ContextParallel
@@ -30,12 +33,18 @@ class LMModule(L.LightningModule):
     """Next-token training of a GPT on masked targets (all tokens for text, answers for recall)."""
 
     def __init__(self, model: GPT, lr: float, weight_decay: float, betas: tuple[float, float], warmup_steps: int,
-                 max_steps: int, min_lr_ratio: float, context_parallel: ContextParallel | None = None) -> None:
+                 max_steps: int, min_lr_ratio: float, context_parallel: ContextParallel | None = None,
+                 chance: float | None = None) -> None:
         super().__init__()
         self.model = model
         self.lr, self.weight_decay, self.betas = lr, weight_decay, betas
         self.warmup_steps, self.max_steps, self.min_lr_ratio = warmup_steps, max_steps, min_lr_ratio
         self.cp = context_parallel
+        self.chance = chance
+        # Validation totals by key->query distance (recall) and by position (text), summed over
+        # the epoch's batches and the ranks before any division; the last epoch's counts are kept.
+        self._by_distance, self._by_position = BinnedTotals(), BinnedTotals()
+        self.bin_counts: dict[str, int] = {}
 
     def setup(self, stage: str) -> None:
         if self.cp is not None:
@@ -44,21 +53,35 @@ class LMModule(L.LightningModule):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
 
-    def _loss_terms(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _loss_terms(self, batch: dict[str, torch.Tensor], bins: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(sum of masked losses, correct answers, answer count) of this rank's tokens.
 
         Under context parallelism every rank holds the same batch and runs its shard of the
         sequence; the count is the whole batch's, so the shards' sums add up to the mean.
+        ``bins``: also add this rank's tokens to the validation totals by distance / position.
         """
         ids, targets, mask = batch["input_ids"], batch["targets"], batch["loss_mask"]
+        distance = batch.get("distance")
         count = mask.sum().clamp_min(1).to(torch.float32)
         positions = None
         if self.cp is not None:
+            if distance is not None:
+                distance = self.cp.shard_tensor(distance)
             ids, targets, mask, positions = self.cp.shard(ids, targets, mask)
         logits = self.model(ids, positions)
-        loss_sum = masked_cross_entropy(logits, targets, mask) * mask.sum().clamp_min(1)
-        correct = ((logits.argmax(-1) == targets) & mask).sum().to(torch.float32)
-        return loss_sum, correct, count
+        token_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
+        token_loss = token_loss.view_as(targets)
+        loss_sum = (token_loss * mask).sum()
+        hits = (logits.argmax(-1) == targets) & mask
+        if bins:
+            if distance is not None:
+                self._by_distance.add(hits.float(), distance, mask)
+            else:
+                pos = positions if positions is not None else torch.arange(ids.shape[1], device=ids.device)
+                # Position p predicts its target from p + 1 tokens of context.
+                self._by_position.add(token_loss, (pos + 1).expand_as(targets), mask)
+        return loss_sum, hits.sum().to(torch.float32), count
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, _, count = self._loss_terms(batch)
@@ -71,7 +94,7 @@ class LMModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss_sum, correct, count = self._loss_terms(batch)
+        loss_sum, correct, count = self._loss_terms(batch, bins=True)
         n = float(batch["input_ids"].shape[0])
         # Under cp the shards' sums are summed first; then data-parallel ranks are averaged.
         self.log("val/loss", self._whole(loss_sum / count), prog_bar=True, batch_size=n, sync_dist=True)
@@ -83,10 +106,25 @@ class LMModule(L.LightningModule):
             return part.detach()
         return self.cp.sum(part.detach())
 
+    def on_validation_epoch_start(self) -> None:
+        self._by_distance, self._by_position = BinnedTotals(), BinnedTotals()
+
     def on_validation_epoch_end(self) -> None:
         loss = self.trainer.callback_metrics.get("val/loss")
         if loss is not None:
             self.log("val/ppl", torch.exp(loss.detach().float().clamp(max=50.0)), sync_dist=True)
+        # Every rank holds distinct tokens (cp: shards; ddp: batches): the job's totals are the sums.
+        reduce_sum = lambda t: self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum")
+        self.bin_counts = {}
+        for name, totals in (("acc_dist", self._by_distance), ("loss_pos", self._by_position)):
+            totals = totals.reduce(reduce_sum)
+            for label, mean in totals.means().items():
+                self.log(f"val/{name}/{label}", mean, sync_dist=False)
+            self.bin_counts.update({f"val/{name}/{label}": n for label, n in totals.totals().items()})
+        if self.chance is not None:
+            self.log("val/chance", self.chance)
+        if self.trainer.is_global_zero and not self.trainer.sanity_checking:
+            tqdm.write(format_val_line(self.trainer.global_step, self.trainer.callback_metrics, self.chance))
 
     def configure_optimizers(self) -> Any:
         decay = [p for p in self.model.parameters() if p.dim() >= 2]
@@ -104,6 +142,15 @@ class LMModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def format_val_line(step: int, metrics: dict[str, Any], chance: float | None) -> str:
+    """The validation line: loss, accuracy on the answers and, beside it, the chance level."""
+    parts = [f"val  {step:>5}", f"loss {float(metrics.get('val/loss', float('nan'))):7.4f}"]
+    if "val/acc" in metrics:
+        acc = float(metrics["val/acc"])
+        parts.append(f"acc {acc:.3f}" + (f" (chance {chance:.3f}, {acc / chance:.1f}x)" if chance else ""))
+    return " | ".join(parts)
 
 
 def check_train_settings(t: DictConfig) -> None:
@@ -157,14 +204,9 @@ def strategy(hw: DictConfig) -> Any:
     return name
 
 
-def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunRecord) -> dict[str, Any]:
-    t = cfg.task
+def make_loggers(cfg: DictConfig, ctx: JobContext, record: RunRecord) -> list[Any]:
+    """The configured Lightning loggers (csv, wandb) of a job writing into its run folder."""
     run_dir = ctx.run_dir
-    model = prepared.model
-    lm = LMModule(model, lr=float(t.lr), weight_decay=float(t.weight_decay), betas=tuple(t.betas),
-                  warmup_steps=int(t.warmup_steps), max_steps=int(t.max_steps),
-                  min_lr_ratio=float(t.min_lr_ratio), context_parallel=prepared.cp)
-
     loggers: list[Any] = []
     if "csv" in cfg.logger:
         # version="" puts metrics.csv straight into the run folder.
@@ -175,6 +217,19 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
         if wb is not None:
             loggers.append(wb)
             record.update(wandb={"group": ctx.group(cfg), "mode": wandb_mode(cfg.logger.wandb.get("mode"))})
+    return loggers
+
+
+def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunRecord) -> dict[str, Any]:
+    t = cfg.task
+    run_dir = ctx.run_dir
+    model = prepared.model
+    lm = LMModule(model, lr=float(t.lr), weight_decay=float(t.weight_decay), betas=tuple(t.betas),
+                  warmup_steps=int(t.warmup_steps), max_steps=int(t.max_steps),
+                  min_lr_ratio=float(t.min_lr_ratio), context_parallel=prepared.cp,
+                  chance=getattr(prepared.data.train_set, "chance", None))
+
+    loggers = make_loggers(cfg, ctx, record)
 
     tokens = int(t.batch_size) * prepared.seq_len
     telemetry = Telemetry(
@@ -212,6 +267,7 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
     metrics["train/loss_first"], metrics["train/loss_last"] = losses[0], losses[-1]
     metrics["train/steps"] = float(trainer.global_step)
     metrics["model/params_non_embedding"] = float(model.num_params())
+    metrics.update({k.replace("val/", "val/count_", 1): float(n) for k, n in lm.bin_counts.items()})
     keys = sorted({str(k) for c in prepared.parts.caches if hasattr(c, "keys") for k in c.keys()})
     for lg in loggers:
         if isinstance(lg, SafeWandbLogger) and trainer.is_global_zero:
