@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from collections.abc import Iterable, Sequence
@@ -291,6 +292,10 @@ def _sort_key(value: str) -> tuple[int, float, str]:
     return (0, v, "") if v is not None else (1, 0.0, value)
 
 
+def _natural_key(text: str) -> list[Any]:
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", text)]
+
+
 def expand_metrics(specs: Sequence[str], runs: list[Run], kind: str, bench_rows: str) -> list[str]:
     """One metric key per column from specs: ``a|b`` is a where any run has it, else b;
     ``memory/peak_*`` expands to every matching key the runs have."""
@@ -301,7 +306,9 @@ def expand_metrics(specs: Sequence[str], runs: list[Run], kind: str, bench_rows:
     for spec in specs:
         alts = [a.strip() for a in spec.split("|") if a.strip()]
         if len(alts) == 1 and any(ch in alts[0] for ch in "*?["):
-            out.extend(m for m in sorted(fnmatch.filter(available, alts[0])) if m not in out)
+            # Natural order: val/acc_dist/2-3 before val/acc_dist/16-31.
+            matched = sorted(fnmatch.filter(available, alts[0]), key=_natural_key)
+            out.extend(m for m in matched if m not in out)
         elif alts:
             name = next((a for a in alts if a in available), alts[0])
             if name not in out:
@@ -654,7 +661,9 @@ def make_tables(runs: list[Run], metric_specs: Sequence[str] | None, bench_rows:
         names = [m for m in metrics if metric_specs or any(m in r.values for r in rows)]
         keys = varying_keys(rows)
         rows.sort(key=lambda r: [_sort_key(r.identity.get(k, "")) for k in keys])
-        title = "train runs" if kind == "train" else "bench cases" + ("" if bench_rows == "all" else " (role=main)")
+        evals = any(r.task == "eval" for r in runs)
+        title = ("train and eval runs" if evals else "train runs") if kind == "train" else \
+            "bench cases" + ("" if bench_rows == "all" else " (role=main)")
         tables.append(Table(title, kind, keys, names, rows))
     return tables
 

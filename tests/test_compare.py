@@ -210,3 +210,11 @@ def test_wandb_runs_become_rows(monkeypatch: pytest.MonkeyPatch, capsys: pytest.
         ("dilated", "256", "completed"), ("dilated", "1024", "failed"), ("sdpa", "256", "completed"),
         ("sdpa", "1024", "completed")]
     assert float(rows[0]["ratio"]) == pytest.approx(0.5)
+
+
+def test_globbed_metrics_come_in_numeric_order() -> None:
+    from dilexp.compare import _natural_key
+
+    keys = ["val/acc_dist/128-255", "val/acc_dist/16-31", "val/acc_dist/2-3", "val/acc_dist/8-15"]
+    assert sorted(keys, key=_natural_key) == [
+        "val/acc_dist/2-3", "val/acc_dist/8-15", "val/acc_dist/16-31", "val/acc_dist/128-255"]

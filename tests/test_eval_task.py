@@ -71,7 +71,7 @@ def fake_runs(tmp_path_factory) -> dict[str, Path]:
     ("corrupt", [], "cannot read the checkpoint"),
     ("other_shape", [], "model.d_model: checkpoint 128, config 64"),
     ("lone", ["model=small"], "model.d_model: checkpoint 128, config 256"),
-    ("good", ["data.vocab_size=128"], "vocabulary mismatch: the checkpoint has 64 tokens"),
+    ("good", ["data.vocab_size=128"], "vocabulary mismatch: the checkpoint has 40 tokens"),
 ])
 def test_bad_checkpoints_name_task_ckpt(fake_runs, case: str, overrides: list[str], says: str) -> None:
     ckpt = [] if case in ("unset", "missing") else [f"task.ckpt={fake_runs[case]}"]

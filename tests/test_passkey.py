@@ -11,7 +11,7 @@ from dilexp.evals.plots import passkey_heatmap
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-K = 31  # the keys of recall's default vocabulary (64 tokens, blank filler): keys 1..31, values 32..62
+K = 31  # the keys of a 64-token recall vocabulary (blank filler): keys 1..31, values 32..62
 VOCAB = PasskeyVocab(num_keys=K)
 DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 

@@ -50,6 +50,14 @@ def test_default_run_leaves_its_record_and_wandb_keys(dilexp_cli, tmp_path: Path
     rows = list(csv.DictReader((run / "metrics.csv").open()))
     logged = {k for r in rows for k, v in r.items() if v not in ("", None)}
     assert {"train/loss", "val/loss", "val/ppl", "perf/tokens_per_s", "cache/hit_rate"} <= logged
+    # The quality figures: chance beside the accuracy (record and console), accuracy by distance.
+    m = summary["metrics"]
+    assert m["val/chance"] == pytest.approx(1 / 19)
+    assert "(chance 0.053," in proc.stdout + proc.stderr
+    by_distance = [k for k in m if k.startswith("val/acc_dist/")]
+    assert len(by_distance) >= 4 and all(0.0 <= m[k] <= 1.0 for k in by_distance)
+    answers = sum(m[k.replace("val/", "val/count_", 1)] for k in by_distance)
+    assert answers == 256 * 8  # every answer of the 256 validation sequences, in exactly one bin
 
     # Read what W&B itself wrote, not what we sent.
     files = find_run_files(run / "wandb")
@@ -75,6 +83,13 @@ def test_text_file_training(dilexp_cli, tmp_path: Path) -> None:
     summary = json.loads((_only_run_dir(tmp_path / "outputs") / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert summary["choices"]["data"] == "text"
+    # Loss by position: bins up to the sequence, with every token of the validation batches counted.
+    m = summary["metrics"]
+    bins = sorted(k for k in m if k.startswith("val/loss_pos/"))
+    assert bins[0] == "val/loss_pos/1-1" and "val/loss_pos/32-63" in bins and len(bins) == 7
+    counts = [m[k.replace("val/", "val/count_", 1)] for k in bins]
+    assert counts[0] * 64 == sum(counts)  # every position of every sequence, once
+    assert all(v > 0 for v in (m[k] for k in bins))
 
 
 def test_two_job_multirun_two_folders_one_wandb_group(dilexp_cli, tmp_path: Path) -> None:
