@@ -15,6 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -42,7 +43,9 @@ def main() -> None:
         if arm == "width" or arm.startswith("n1024"):
             continue
         cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
-        label = f"{cfg.attention.name} (dilated_r2's pattern)" if arm.startswith("same_function") else arm
+        label = {"long": "sdpa, 4x the steps (long)"}.get(arm, arm)
+        if arm.startswith("same_function"):
+            label = f"{cfg.attention.name} (dilated_r2's pattern)"
         arms[label].append(curve(run))
     fig, ax = plt.subplots(figsize=(8, 4.8))
     chance = None
@@ -58,6 +61,7 @@ def main() -> None:
     ax.text(ax.get_xlim()[0], 1 / 8, " knows which values occur (1/8)", va="bottom", fontsize=8, color="grey")
     ax.axhline(chance, color="grey", ls="--", lw=1)
     ax.text(ax.get_xlim()[0], chance, " chance (1/31)", va="bottom", fontsize=8, color="grey")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:.0f}K"))
     ax.set_xlabel("training sequences seen (N = 256)")
     ax.set_ylabel("val/acc (256 sequences, 2048 answers)")
     ax.set_title("MQAR recall on a 2-core CPU: val/acc against sequences seen")
