@@ -10,9 +10,12 @@ computed once from the same (dtype-rounded) inputs (``reference_with_grads``: ro
 mask (the "dense" column: the error any dense kernel makes in that dtype).
 
 Errors: max abs = max |x - ref|; max rel = max |x - ref| / max |ref| (one number per tensor, so a
-near-zero reference entry cannot blow it up). The job exits 1 when a max abs error exceeds
-``task.check.tol`` (default by dtype, DESIGN's: fp32 1e-4, bf16 2e-2); "bitwise" says whether
-every repeat gave the same bits as the first.
+near-zero reference entry cannot blow it up). The job exits 1 when a tensor's max abs error exceeds
+``task.check.tol`` x max(1, max |ref|) (tol by dtype, DESIGN's: fp32 1e-4, bf16 2e-2; a
+``task.check.tol`` overrides): DESIGN's absolute tolerance for tensors of unit scale, relative
+beyond it, because gradients grow with N (dv sums over every query that sees a key: at N = 8K
+in bf16 dense attention's own dv error is ~5e-2 absolute, 1e-2 relative). "bitwise" says
+whether every repeat gave the same bits as the first.
 
 Processes: hardware=cp shards the sequence over the ranks (Lightning Fabric launches them, gloo
 on CPU, NCCL on GPUs; the variant must declare process groups); hardware=ddp runs the whole
@@ -152,6 +155,12 @@ def dense_same_dtype(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dout: to
     return res
 
 
+def gate(max_abs: float, max_rel: float, tol: float) -> bool:
+    """max|err| <= tol * max(1, max|ref|), from the two reported numbers."""
+    scale = max_abs / max_rel if max_rel > 0 and math.isfinite(max_rel) else 0.0
+    return max_abs <= tol * max(1.0, scale)
+
+
 def compare(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     """(max abs error, max abs error / max |ref|) over finite reference entries; a row that is
     -inf (no allowed key) in one and not the other is an infinite error."""
@@ -255,7 +264,8 @@ def run_check(cfg: DictConfig, ctx: JobContext, prepared: PreparedCheck, record:
             if key in dense:
                 row["dense_abs"], row["dense_rel"] = compare(dense[key], ref[key])
             rows[key] = row
-            passed = passed and max_abs <= p.tol
+            row["ok"] = gate(max_abs, max_rel, p.tol)
+            passed = passed and row["ok"]
     if fabric is not None:
         flag = torch.tensor([float(passed)], device=device)
         torch.distributed.broadcast(flag, src=0)
@@ -276,9 +286,10 @@ def run_check(cfg: DictConfig, ctx: JobContext, prepared: PreparedCheck, record:
         notes.append(f"no gradients: {p.name} has no backward on {device.type}")
     if "lse" in missing:
         notes.append(f"no lse: {p.name} does not expose it")
-    bad = [key for key, r in rows.items() if not r["max_abs"] <= p.tol]
-    verdict = (f"PASS: every max abs error <= tol {p.tol:g}" if passed else
-               f"FAIL: {', '.join(bad)} above tol {p.tol:g}") + ("" if not notes else "  (" + "; ".join(notes) + ")")
+    bad = [key for key, r in rows.items() if not r["ok"]]
+    verdict = (f"PASS: every max abs error <= tol {p.tol:g} x max(1, max|ref|)" if passed else
+               f"FAIL: {', '.join(bad)} above tol {p.tol:g} x max(1, max|ref|)")
+    verdict += "" if not notes else "  (" + "; ".join(notes) + ")"
     print(format_table(rows, head, verdict), flush=True)
 
     metrics: dict[str, Any] = {"check/passed": float(passed), "check/tol": p.tol, "check/world": float(p.world),
@@ -295,7 +306,8 @@ def run_check(cfg: DictConfig, ctx: JobContext, prepared: PreparedCheck, record:
         metrics["check/ranks_bitwise_equal"] = float(ranks_equal)
     info = {"variant": p.name, "shape": list(shape), "causal": p.causal, "dtype": str(p.dtype), "world": p.world,
             "layout": layout, "tol": p.tol, "repeats": p.repeats, "passed": passed, "rows": rows,
-            "relative_error": "max|x - ref| / max|ref| over the whole tensor", "notes": notes}
+            "relative_error": "max|x - ref| / max|ref| over the whole tensor",
+            "gate": "max|x - ref| <= tol * max(1, max|ref|)", "notes": notes}
     record.update(check=info)
     if not passed:
         print(f"dilexp: check failed: {', '.join(bad)} above tol {p.tol:g}", file=sys.stderr, flush=True)
