@@ -2,6 +2,7 @@
 # The exactness study: task=check for every variant x world size x dtype (see README.md).
 #   bash experiments/exactness/sweep.sh            # CPU: gloo ranks (this report)
 #   ACCEL=gpu bash experiments/exactness/sweep.sh  # GPUs: the same sweep over NCCL ranks
+#   GROUPS="ring_chunks sdpa" bash experiments/exactness/sweep.sh   # some groups only
 # Each group is one Hydra multirun into $OUT/<group>; tables.py reads every summary.json below $OUT.
 set -u
 cd "$(dirname "$0")/../.."
@@ -16,8 +17,10 @@ dil() { echo "attention.segment_lengths=[$(($1/4)),$(($1/2)),$1] attention.dilat
 common="task=check logger=csv hardware.threads=1 ++hardware.timeout_s=600"
 precs="hardware.precision=32-true,bf16-mixed"
 
+GROUPS=${GROUPS:-ring_world ring_chunks dilated_family sdpa block_sparse ring_world_8k}
 run() { # group, overrides...
   local group=$1; shift
+  case " $GROUPS " in *" $group "*) ;; *) return 0 ;; esac
   echo "== $group"
   $PY -m dilexp -m $common "$@" "hydra.sweep.dir=$OUT/$group"
 }
@@ -34,8 +37,7 @@ run dilated_family $(shape $N) $(dil $N) attention=dilated,improved,flex hardwar
 run sdpa $(shape $N) attention=sdpa hardware.accelerator=$ACCEL hardware.devices=1 $precs
 run block_sparse $(shape $N) attention=block_sparse hardware.accelerator=$ACCEL hardware.devices=1 $precs
 # 4. N = 8K: the ring over 1, 2, 4, 8 ranks
-if [ "${N8K:-8192}" != 0 ]; then
-  run ring_world_8k $(shape ${N8K:-8192}) $(dil ${N8K:-8192}) attention=ring_v2 hardware=cp \
-    hardware.accelerator=$ACCEL hardware.devices=1,2,4,8 $precs
-fi
+N8K=${N8K:-8192}
+run ring_world_8k $(shape $N8K) $(dil $N8K) attention=ring_v2 hardware=cp hardware.accelerator=$ACCEL \
+  hardware.devices=1,2,4,8 $precs
 $PY experiments/exactness/tables.py "$OUT"
