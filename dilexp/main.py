@@ -43,7 +43,11 @@ def _prepare(cfg: DictConfig) -> Any:
         from dilexp.tasks.eval import PreparedEval
 
         return PreparedEval(cfg)
-    raise ConfigError("task.name", name, "choose 'train', 'bench' or 'eval'")
+    if name == "check":
+        from dilexp.tasks.check import PreparedCheck
+
+        return PreparedCheck(cfg)
+    raise ConfigError("task.name", name, "choose 'train', 'bench', 'eval' or 'check'")
 
 
 def _run(cfg: DictConfig, ctx: JobContext, prepared: Any, record: Any) -> dict[str, Any]:
@@ -55,6 +59,10 @@ def _run(cfg: DictConfig, ctx: JobContext, prepared: Any, record: Any) -> dict[s
         from dilexp.tasks.eval import run_eval
 
         return run_eval(cfg, ctx, prepared, record)
+    if cfg.task.name == "check":
+        from dilexp.tasks.check import run_check
+
+        return run_check(cfg, ctx, prepared, record)
     from dilexp.tasks.bench import run_bench
 
     return run_bench(cfg, ctx, prepared, record)
@@ -147,10 +155,15 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         if ctx.multirun and not isinstance(e, KeyboardInterrupt):
             return None
         raise
+    # task=check: a failed certificate is a completed job with a verdict (check/passed = 0 in
+    # its record, so a sweep goes on and compare reads it), and a non-zero exit for a single run.
+    exit_code = int(result.pop("exit_code", 0))
     record.finish("completed", **result)
     finish_wandb()
     if not child_rank:
         _say(f"dilexp: run folder: {ctx.run_dir}")
+    if exit_code and not ctx.multirun:
+        sys.exit(exit_code)
     return result
 
 

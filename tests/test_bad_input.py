@@ -20,7 +20,6 @@ BAD = [
     (["task.max_steps=0"], "task.max_steps"),
     (["attention=sdpa", "+attention.window=3"], "attention.window"),
     (["cache.strategy=bogus"], "cache.strategy"),
-    (["attention=flex"], "attention.name"),  # no flex backward on CPU: training it is refused up front
 ]
 
 

@@ -25,7 +25,7 @@ def test_every_option_composes(compose_cfg, group: str, option: str) -> None:
     from omegaconf import OmegaConf
 
     container = OmegaConf.to_container(cfg, resolve=True)
-    assert container["task"]["name"] in ("train", "bench", "eval")
+    assert container["task"]["name"] in ("train", "bench", "eval", "check")
     if group == "attention":
         assert cfg.attention.name == option
     if group == "cache":

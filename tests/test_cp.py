@@ -42,12 +42,6 @@ def test_cp_run_equals_single_process_run(dilexp_cli, tmp_path: Path, placement:
     assert a["metrics"]["ring/bytes_sent"] == 0
 
 
-def test_cp_needs_a_ring_variant(compose_cfg) -> None:
-    cfg = compose_cfg(["attention=dilated", *CP])
-    with pytest.raises(ConfigError, match="attention.name"):
-        _prepare(cfg)
-
-
 def test_cp_needs_a_shardable_sequence(compose_cfg) -> None:
     cfg = compose_cfg(["attention=ring_v2", *CP, "hardware.devices=4", "data.seq_len=3", "data.num_pairs=1",
                        "data.num_queries=1"])

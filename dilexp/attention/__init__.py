@@ -9,7 +9,8 @@ from dilexp.attention import (
     ring,  # noqa: E402,F401
     sdpa,  # noqa: E402,F401,I001
 )
-from dilexp.attention.base import Attention
-from dilexp.attention.registry import available, build, register
+from dilexp.attention.base import Attention, Capabilities
+from dilexp.attention.registry import available, build, capabilities, register, unregister, with_capability
 
-__all__ = ["Attention", "available", "build", "register"]
+__all__ = ["Attention", "Capabilities", "available", "build", "capabilities", "register", "unregister",
+           "with_capability"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -10,6 +12,43 @@ from torch import nn
 from dilexp.cache.base import PatternCache
 from dilexp.errors import ConfigError
 from dilexp.memory.base import MemoryPool, NoPool
+
+PATTERN_KINDS = ("full", "dilated", "block_sparse")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a variant declares it can do; the conformance suite (tests/test_conformance.py)
+    tests every declared capability and checks that every undeclared one is refused with a
+    clear error, so nothing is ever silently degraded.
+
+    - ``pattern``: which settings describe its pattern and so which oracle applies:
+      "full" (no pattern settings), "dilated" (segment_lengths, dilation_rates, offsets,
+      heads; DESIGN section 3) or "block_sparse" (block_size, local_blocks, ...).
+    - ``head_layouts``: the ``heads=`` layouts of a dilated variant ("grouped", "all");
+      empty for variants without the setting (``heads="all"`` is then an unknown setting).
+    - ``no_backward_on``: device types where it has no backward (e.g. flex on "cpu"); a
+      call that needs gradients there raises NotImplementedError before any work.
+    - ``process_groups``: shards the sequence over a torch.distributed group (hardware=cp).
+      A variant without it refuses to run while a context-parallel group is registered.
+    - ``lse``: ``forward_lse`` returns the log-sum-exp of each query row.
+    - ``paths``: its implementations of the same function (e.g. a fused CPU kernel and a
+      portable one), selected with ``use_path``; ``slow_paths`` those too slow for the
+      quick tests (compilation), checked on one fixed shape instead.
+    - ``settings``: values of its own extra settings the suite draws (e.g. ring chunks).
+    """
+
+    pattern: str = "full"
+    head_layouts: tuple[str, ...] = ()
+    no_backward_on: tuple[str, ...] = ()
+    process_groups: bool = False
+    lse: bool = False
+    paths: tuple[str, ...] = ("default",)
+    slow_paths: tuple[str, ...] = ()
+    settings: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+
+    def backward_on(self, device: torch.device | str) -> bool:
+        return torch.device(device).type not in self.no_backward_on
 
 
 class Attention(nn.Module):
@@ -25,6 +64,7 @@ class Attention(nn.Module):
     name: str = "base"
     # DilatedPattern or BlockSparsePattern, set by the variants that have one.
     pattern: Any = None
+    capabilities: Capabilities = Capabilities()
 
     def __init__(
         self,
@@ -59,6 +99,29 @@ class Attention(nn.Module):
         """
         return None
 
+    def use_path(self, path: str) -> None:
+        """Select one of ``capabilities.paths`` (the first is the default)."""
+        if path not in self.capabilities.paths:
+            raise ValueError(f"{self.name}: no path {path!r}; it has {list(self.capabilities.paths)}")
+
+    def forward_lse(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, log-sum-exp (B, N, H) in fp32 or fp64) without autograd; -inf where a row
+        has no allowed key. Only variants declaring ``capabilities.lse`` have it."""
+        raise NotImplementedError(f"{self.name} does not expose its log-sum-exp (capabilities.lse is False)")
+
+    def dense_multiplicity_rows(self, n: int, head: int, start: int, stop: int) -> torch.Tensor:
+        """(stop - start, N) int64: rows [start, stop) of ``dense_multiplicity(n)[head]``.
+
+        The row-block form lets a float64 reference run at N where the (H, N, N) mask
+        would not fit (task=check); variants with a pattern answer without building it.
+        """
+        pattern = self.pattern
+        if pattern is not None and hasattr(pattern, "multiplicity_rows"):
+            return pattern.multiplicity_rows(n, self.num_heads, head, start, stop)
+        return self.dense_multiplicity(n)[head, start:stop]
+
     def dense_multiplicity(self, n: int) -> torch.Tensor:
         """(H, N, N) int tensor: times each key is selected for each query (no causal mask).
 
@@ -88,9 +151,23 @@ class Attention(nn.Module):
         return f"heads={self.num_heads}, head_dim={self.head_dim}, cache={self.cache.name}"
 
     def _check_input(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not self.capabilities.process_groups:
+            _refuse_under_context_parallel(self.name)
         if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
             raise ValueError(f"{self.name}: q, k, v must share one (B, N, H, D) shape, got "
                              f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
         if q.shape[2] != self.num_heads or q.shape[3] != self.head_dim:
             raise ValueError(f"{self.name}: built for H={self.num_heads}, D={self.head_dim}, "
                              f"got H={q.shape[2]}, D={q.shape[3]}")
+
+
+def _refuse_under_context_parallel(name: str) -> None:
+    """A variant that cannot shard the sequence must not see a shard: it would attend
+    within the shard only and return a plausible, wrong result."""
+    from dilexp.distributed import context_parallel_group, group_rank_world
+
+    _, world = group_rank_world(context_parallel_group())
+    if world > 1:
+        raise RuntimeError(f"{name}: a context-parallel group of {world} ranks is registered, but {name} cannot "
+                           "shard the sequence over process groups; use a variant that declares "
+                           "capabilities.process_groups (ring_v2, ring_v3)")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from dilexp.attention._kernels import check_dims
-from dilexp.attention.base import Attention
+from dilexp.attention.base import Attention, Capabilities
 from dilexp.attention.registry import register
 from dilexp.cache.base import PatternCache
 from dilexp.memory.base import MemoryPool
@@ -48,6 +48,8 @@ def gather_blocks(x: torch.Tensor, index: torch.Tensor, bag_order: torch.Tensor,
 @register("block_sparse")
 class BlockSparseAttention(Attention):
     """Local window + dilated + global blocks; see ``BlockSparsePattern`` for the semantics."""
+
+    capabilities = Capabilities(pattern="block_sparse")
 
     def __init__(
         self,

@@ -23,7 +23,7 @@ from dilexp.attention._kernels import (
     lse_dtype,
     lse_floor,
 )
-from dilexp.attention.base import Attention
+from dilexp.attention.base import Attention, Capabilities
 from dilexp.attention.registry import register
 from dilexp.cache.base import PatternCache
 from dilexp.memory.base import MemoryPool
@@ -48,6 +48,8 @@ def _segment_mask(valid: torch.Tensor, causal: bool) -> torch.Tensor:
 @register("dilated")
 class DilatedAttention(Attention):
     """Dilated attention by gather + one batched attention call per branch."""
+
+    capabilities = Capabilities(pattern="dilated", head_layouts=("grouped", "all"))
 
     def __init__(
         self,

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 from dilexp.attention._kernels import check_dims
-from dilexp.attention.base import Attention
+from dilexp.attention.base import Attention, Capabilities
 from dilexp.attention.registry import register
 from dilexp.cache.base import PatternCache
 from dilexp.errors import ConfigError
@@ -267,6 +267,14 @@ def build_natural_plan(
 class FlexDilatedAttention(Attention):
     """The LongNet dilated pattern (DESIGN section 3) through FlexAttention."""
 
+    # "compiled" is what runs; "eager" is torch's uncompiled flex_attention on the same plan
+    # (same BlockMask, permutation and merge), which lets the conformance suite draw many
+    # shapes without a ~20 s compile each. Compiled flex is checked on fixed shapes.
+    capabilities = Capabilities(
+        pattern="dilated", head_layouts=("grouped", "all"), no_backward_on=("cpu",),
+        paths=("compiled", "eager"), slow_paths=("compiled",), settings={"block_size": (16, 32)},
+    )
+
     def __init__(
         self,
         num_heads: int,
@@ -291,6 +299,10 @@ class FlexDilatedAttention(Attention):
         # on CPU), and forcing the lse merge for heads="all" where it would not be chosen.
         self._kernel: Callable[..., object] | None = None
         self._lse_merge: bool | None = None
+
+    def use_path(self, path: str) -> None:
+        super().use_path(path)
+        self._kernel = flex_attention if path == "eager" else None
 
     def mode(self, device: torch.device | str) -> str:
         """Which layout a call on ``device`` uses: "compact", "lse" or "natural" (see module doc)."""

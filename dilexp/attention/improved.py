@@ -41,7 +41,7 @@ from dilexp.attention._kernels import (
     lse_dtype,
     lse_floor,
 )
-from dilexp.attention.base import Attention
+from dilexp.attention.base import Attention, Capabilities
 from dilexp.attention.registry import register
 from dilexp.cache.base import PatternCache
 from dilexp.memory.base import MemoryPool
@@ -217,6 +217,10 @@ def _zero_uncovered(x: torch.Tensor, plans: tuple[BranchPlan, ...], merge: bool)
 class ImprovedDilatedAttention(Attention):
     """Dilated attention by strided views and one fused SDPA call per branch (plus a ragged tail)."""
 
+    # "fused": torch's CPU flash kernel in one autograd node (CPU only; elsewhere it is the
+    # portable path anyway); "portable": the SDPA/explicit path every device takes.
+    capabilities = Capabilities(pattern="dilated", head_layouts=("grouped", "all"), paths=("fused", "portable"))
+
     def __init__(
         self,
         num_heads: int,
@@ -235,6 +239,10 @@ class ImprovedDilatedAttention(Attention):
         self.scale = 1.0 / math.sqrt(head_dim)
         # False forces the portable (autograd) path on CPU too: tests cover both with it.
         self.use_cpu_flash = True
+
+    def use_path(self, path: str) -> None:
+        super().use_path(path)
+        self.use_cpu_flash = path == "fused"
 
     def _plans(self, n: int, device: torch.device | str) -> tuple[BranchPlan, ...]:
         # The "pattern" here is a handful of slice bounds; going through the cache keeps

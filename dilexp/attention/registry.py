@@ -6,7 +6,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from dilexp.attention.base import Attention
+from dilexp.attention.base import Attention, Capabilities
 from dilexp.errors import ConfigError
 
 _REGISTRY: dict[str, type[Attention]] = {}
@@ -25,6 +25,23 @@ def register(name: str) -> Callable[[type[Attention]], type[Attention]]:
 
 def available() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def capabilities(name: str) -> Capabilities:
+    """What variant ``name`` declares it can do (``Attention.capabilities``)."""
+    if name not in _REGISTRY:
+        raise ConfigError("attention.name", name, f"unknown variant; choose one of {available()}")
+    return _REGISTRY[name].capabilities
+
+
+def with_capability(**wanted: object) -> list[str]:
+    """Registered variants whose capabilities match, e.g. ``with_capability(process_groups=True)``."""
+    return [n for n in available() if all(getattr(_REGISTRY[n].capabilities, k) == v for k, v in wanted.items())]
+
+
+def unregister(name: str) -> None:
+    """Remove a variant (tests register throw-away variants and must clean up)."""
+    _REGISTRY.pop(name, None)
 
 
 def settings_of(name: str) -> set[str] | None:

@@ -60,7 +60,7 @@ from torch.autograd.function import once_differentiable
 
 from dilexp.attention._kernels import build_pattern, check_dims, cpu_flash_ok
 from dilexp.attention._ring_comm import TAG_DKV, TAG_FINAL, TAG_KV, Pending, RingComm, RingCommError
-from dilexp.attention._ring_kernel import acc_dtype, op_backward, op_forward
+from dilexp.attention._ring_kernel import _unk, acc_dtype, op_backward, op_forward
 from dilexp.attention._ring_plan import (
     BlockOp,
     HeadRange,
@@ -70,7 +70,7 @@ from dilexp.attention._ring_plan import (
     build_ring_plan,
     make_layout,
 )
-from dilexp.attention.base import Attention
+from dilexp.attention.base import Attention, Capabilities
 from dilexp.attention.registry import register
 from dilexp.cache.base import PatternCache
 from dilexp.distributed import (
@@ -196,6 +196,14 @@ class _Runner:
         self.comm.bytes_sent = 0
         return out.to(q.dtype), lse
 
+    def complete_lse(self, lse: torch.Tensor) -> None:
+        """Write the log-sum-exps the forward kept aside (ops that alone own their rows) into
+        ``lse``, so it holds every row's (forward_lse; the training path skips the copy)."""
+        bsz = lse.shape[0]
+        for (j, i), own in self.own_lse.items():
+            op = self.plan.steps[j][i]
+            op.q.view(lse, op.heads).copy_(_unk(own, bsz))
+
     # -- backward ----------------------------------------------------------------------
 
     def backward(
@@ -295,6 +303,13 @@ class _RingFunction(torch.autograd.Function):
 class RingDilatedAttention(Attention):
     """Shared implementation of ``ring_v2`` and ``ring_v3`` (see the module docstring)."""
 
+    # "fused": torch's CPU flash kernel per op (CPU only; elsewhere the portable path runs
+    # anyway); "portable": explicit matmuls on the same views, the path of other devices.
+    capabilities = Capabilities(
+        pattern="dilated", head_layouts=("grouped", "all"), process_groups=True, lse=True,
+        paths=("fused", "portable"),
+        settings={"chunks": (1, 2, 3, 4, 8), "placement": ("contiguous", "zigzag")},
+    )
     default_cache = "cpu"
     pregenerate = False
 
@@ -452,8 +467,26 @@ class RingDilatedAttention(Attention):
 
     # -- compute -----------------------------------------------------------------------
 
+    def use_path(self, path: str) -> None:
+        super().use_path(path)
+        self.use_fused = path == "fused"
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
         """q, k, v: this rank's shard (B, N_local, H, D) (the whole sequence single-process)."""
+        return _RingFunction.apply(q, k, v, self._runner(q, k, v, causal))
+
+    def forward_lse(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(output, log-sum-exp) of this rank's shard, no autograd; lse (B, N_local, H) in fp32
+        (fp64 for fp64 inputs), -inf for rows the pattern leaves empty."""
+        runner = self._runner(q, k, v, causal)
+        with torch.no_grad(), torch.autocast(q.device.type, enabled=False):
+            out, lse = runner.forward(q, k, v)
+        runner.complete_lse(lse)
+        return out, lse
+
+    def _runner(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> _Runner:
         self._check_input(q, k, v)
         group = self.resolve_group()
         rank, world = group_rank_world(group)
@@ -465,8 +498,7 @@ class RingDilatedAttention(Attention):
                 self.prepare(n, q.device, bool(causal))
                 self._prepared.add(key)
         lay = self.layout(n, bool(causal), group)
-        runner = _Runner(self, lay, group, bool(causal), q.device)
-        return _RingFunction.apply(q, k, v, runner)
+        return _Runner(self, lay, group, bool(causal), q.device)
 
 
 @register("ring_v2")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dilexp.attention._kernels import check_dims
-from dilexp.attention.base import Attention
+from dilexp.attention.base import Attention, Capabilities
 from dilexp.attention.registry import register
 from dilexp.cache.base import PatternCache
 from dilexp.memory.base import MemoryPool
@@ -15,6 +15,8 @@ from dilexp.memory.base import MemoryPool
 @register("sdpa")
 class SDPAttention(Attention):
     """Every query sees every key (every earlier key when causal)."""
+
+    capabilities = Capabilities(pattern="full")
 
     def __init__(
         self,
@@ -38,6 +40,9 @@ class SDPAttention(Attention):
 
     def dense_multiplicity(self, n: int) -> torch.Tensor:
         return torch.ones(self.num_heads, n, n, dtype=torch.int64)
+
+    def dense_multiplicity_rows(self, n: int, head: int, start: int, stop: int) -> torch.Tensor:
+        return torch.ones(max(0, min(stop, n) - start), n, dtype=torch.int64)
 
     def allowed_pairs(self, n: int, causal: bool) -> int:
         # Closed form: the dense mask would be H * N^2 integers (17 GB at N = 16K).

@@ -130,6 +130,11 @@ class BlockSparsePattern:
         """(H, N, N) int64 0/1: the oracle's mask, the same for every head."""
         return self.dense_mask(n).to(torch.int64).unsqueeze(0).expand(num_heads, n, n).contiguous()
 
+    def multiplicity_rows(self, n: int, num_heads: int, head: int, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of one head's multiplicity, (stop - start, N) int64, without the N x N mask."""
+        blk = torch.arange(n) // self.block_size
+        return self.block_layout(n)[blk[start:stop, None], blk[None, :]].to(torch.int64)
+
     def allowed_pairs(self, n: int, causal: bool) -> int:
         """Allowed query-key pairs of one head, from the block layout (no dense mask: any N)."""
         layout = self.block_layout(n)

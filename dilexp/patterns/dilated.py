@@ -132,6 +132,21 @@ class DilatedPattern:
             mult[list(b.heads)] += allowed.to(torch.int64)
         return mult
 
+    def multiplicity_rows(self, n: int, num_heads: int, head: int, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of ``dense_multiplicity(n, num_heads)[head]``, (stop - start, N) int64,
+        built without the (H, N, N) tensor (the same rule, evaluated on a row block)."""
+        pos = torch.arange(n)
+        rows = pos[start:stop]
+        mult = torch.zeros(len(rows), n, dtype=torch.int64)
+        for b in self.branches(num_heads):
+            if head not in b.heads:
+                continue
+            selected = (pos % b.segment_length) % b.dilation_rate == b.offset
+            seg = pos // b.segment_length
+            allowed = selected[rows, None] & selected[None, :] & (seg[rows, None] == seg[None, :])
+            mult += allowed.to(torch.int64)
+        return mult
+
 
 def allowed_pairs(pattern: DilatedPattern, n: int, num_heads: int, causal: bool) -> int:
     """Query-key pairs the pattern computes, summed over heads (with multiplicity), in O(branches * segments).

@@ -13,11 +13,10 @@ import torch
 from omegaconf import DictConfig
 
 from dilexp import distributed as D
+from dilexp.attention import capabilities, with_capability
 from dilexp.attention.ring import RingDilatedAttention, configure_ring
 from dilexp.cache import pregenerate_patterns
 from dilexp.errors import ConfigError
-
-RING_VARIANTS = ("ring_v2", "ring_v3")
 
 
 @dataclass
@@ -33,9 +32,10 @@ class ContextParallel:
         hw = cfg.hardware
         if not hw.get("context_parallel", False):
             return None
-        if str(cfg.attention.name) not in RING_VARIANTS:
+        if not capabilities(str(cfg.attention.name)).process_groups:
             raise ConfigError("attention.name", str(cfg.attention.name),
-                              f"hardware=cp shards the sequence over ranks: it needs one of {list(RING_VARIANTS)}")
+                              "hardware=cp shards the sequence over ranks: it needs a variant that can "
+                              f"(capabilities.process_groups): one of {with_capability(process_groups=True)}")
         devices = hw.get("devices", 1)
         if not isinstance(devices, int) or devices < 1:
             raise ConfigError("hardware.devices", devices, "hardware=cp needs a device count (an int >= 1)")

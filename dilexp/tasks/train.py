@@ -15,6 +15,7 @@ from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from dilexp.attention import capabilities
 from dilexp.attention.ring import ring_stats
 from dilexp.cache import pregenerate_patterns
 from dilexp.data import build_datamodule
@@ -180,11 +181,12 @@ class Prepared:
         check_train_settings(t)
         apply_hardware(cfg)
         self.device = compute_device(cfg)
-        if str(cfg.attention.name) == "flex" and self.device.type == "cpu":
+        name = str(cfg.attention.name)
+        if not capabilities(name).backward_on(self.device):
             # Found now rather than as a trace from inside torch at the first backward.
-            raise ConfigError("attention.name", "flex", f"FlexAttention has no backward on CPU in torch "
+            raise ConfigError("attention.name", name, f"{name} has no backward on {self.device.type} in torch "
                               f"{torch.__version__}: train with attention=improved on CPU, or use hardware=gpu "
-                              "(flex serves forward-only benchmarks on CPU: task=bench bench.mode=fwd)")
+                              f"({name} serves forward-only benchmarks: task=bench bench.mode=fwd)")
         self.data = build_datamodule(cfg.data, int(t.batch_size), int(cfg.seed))
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         self.model, self.parts = build_model(cfg, self.data.vocab_size)
