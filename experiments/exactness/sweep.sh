@@ -2,7 +2,7 @@
 # The exactness study: task=check for every variant x world size x dtype (see README.md).
 #   bash experiments/exactness/sweep.sh            # CPU: gloo ranks (this report)
 #   ACCEL=gpu bash experiments/exactness/sweep.sh  # GPUs: the same sweep over NCCL ranks
-#   GROUPS="ring_chunks sdpa" bash experiments/exactness/sweep.sh   # some groups only
+#   SWEEP_GROUPS="ring_chunks sdpa" bash experiments/exactness/sweep.sh   # some groups only
 # Each group is one Hydra multirun into $OUT/<group>; tables.py reads every summary.json below $OUT.
 set -u
 cd "$(dirname "$0")/../.."
@@ -17,10 +17,11 @@ dil() { echo "attention.segment_lengths=[$(($1/4)),$(($1/2)),$1] attention.dilat
 common="task=check logger=csv hardware.threads=1 ++hardware.timeout_s=600"
 precs="hardware.precision=32-true,bf16-mixed"
 
-GROUPS=${GROUPS:-ring_world ring_chunks dilated_family sdpa block_sparse ring_world_8k}
+# (Not GROUPS: bash keeps the user's group ids there and ignores assignments.)
+SWEEP_GROUPS=${SWEEP_GROUPS:-ring_world ring_chunks dilated_family sdpa block_sparse ring_world_8k}
 run() { # group, overrides...
   local group=$1; shift
-  case " $GROUPS " in *" $group "*) ;; *) return 0 ;; esac
+  case " $SWEEP_GROUPS " in *" $group "*) ;; *) return 0 ;; esac
   echo "== $group"
   $PY -m dilexp -m $common "$@" "hydra.sweep.dir=$OUT/$group"
 }
