@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dilexp.attention.base import Attention
@@ -122,9 +121,3 @@ class GPT(nn.Module):
             x = blk(x, cos, sin)
         return self.lm_head(self.ln_f(x))
 
-
-def masked_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss over the positions where ``mask`` is set."""
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
-    mask = mask.reshape(-1).to(loss.dtype)
-    return (loss * mask).sum() / mask.sum().clamp_min(1.0)
