@@ -57,3 +57,33 @@ def run_dilexp(args: list[str], cwd: Path, timeout: float = 300, env: dict[str, 
 @pytest.fixture
 def dilexp_cli():
     return run_dilexp
+
+
+@pytest.fixture
+def gloo_group(tmp_path: Path):
+    """Run ``worker(rank, world, store, out_dir, *extra)`` in ``world`` spawned processes and return
+    each rank's ``rank<r>.json`` (written by the worker into out_dir); a rank's error, or a group
+    that outlives ``deadline_s``, fails the test."""
+    import json
+    import time
+
+    import torch.multiprocessing as mp
+
+    def run(worker, world: int, *extra: object, deadline_s: float) -> list[dict]:
+        args = (world, str(tmp_path / "store"), str(tmp_path), *extra)
+        ctx = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
+        deadline = time.monotonic() + deadline_s
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{world}-process group did not finish in {deadline_s}s")
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+        results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+        for r, res in enumerate(results):
+            assert res["error"] is None, f"rank {r}:\n{res['error']}"
+        return results
+
+    return run

@@ -16,9 +16,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
-import torch.multiprocessing as mp
 
 H, DH, B = 6, 8, 2
 PATTERNS = {
@@ -116,24 +114,6 @@ def _worker(rank: int, world: int, store: str, out_dir: str, cases: list[dict[st
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def _spawn(world: int, cases: list[dict[str, Any]], tmp_path: Path, failures: bool = False) -> list[dict]:
-    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "store"), str(tmp_path), cases, failures),
-                             nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world}-process ring did not finish in {DEADLINE_S}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
-    for r, res in enumerate(results):
-        assert res["error"] is None, f"rank {r}:\n{res['error']}"
-    return results
-
-
 def _cases(world: int) -> list[dict[str, Any]]:
     """Segments spanning shards (K/V must travel) and segments inside shards (nothing may)."""
     cases = []
@@ -163,8 +143,8 @@ def _check(results: list[dict], world: int) -> None:
                 assert c["stats"]["bytes_sent"] > 0, (label, c["stats"])
 
 
-def test_two_ranks(tmp_path: Path) -> None:
-    results = _spawn(2, _cases(2), tmp_path, failures=True)
+def test_two_ranks(gloo_group) -> None:
+    results = gloo_group(_worker, 2, _cases(2), True, deadline_s=DEADLINE_S)
     _check(results, 2)
     hang, dead = results[0]["failures"]["hang"], results[0]["failures"]["dead"]
     for what in (hang, dead):
@@ -173,5 +153,5 @@ def test_two_ranks(tmp_path: Path) -> None:
     assert dead["seconds"] < GROUP_TIMEOUT_S, dead
 
 
-def test_four_ranks(tmp_path: Path) -> None:
-    _check(_spawn(4, _cases(4), tmp_path), 4)
+def test_four_ranks(gloo_group) -> None:
+    _check(gloo_group(_worker, 4, _cases(4), False, deadline_s=DEADLINE_S), 4)

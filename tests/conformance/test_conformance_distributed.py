@@ -13,14 +13,12 @@ Ring-specific behaviour (transfers skipped, failures named) is in test_ring_dist
 from __future__ import annotations
 
 import json
-import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dilexp.attention import available, capabilities, with_capability
 
@@ -106,26 +104,6 @@ def _worker(rank: int, world: int, store: str, out_dir: str, cases: list[dict[st
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def spawn_group(world: int, cases: list[dict[str, Any]], tmp_path: Path, worker=_worker, extra: tuple = ()
-                ) -> list[dict]:
-    """Run ``worker`` in ``world`` gloo processes; its per-rank JSON results, any error failing the test."""
-    args = (world, str(tmp_path / "store"), str(tmp_path), cases, str(Path(__file__).parent), *extra)
-    ctx = mp.start_processes(worker, args=args, nprocs=world, join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                pytest.fail(f"{world}-process group did not finish in {DEADLINE_S}s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.kill()
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
-    for r, res in enumerate(results):
-        assert res["error"] is None, f"rank {r}:\n{res['error']}"
-    return results
-
-
 def drawn_cases(world: int) -> list[dict[str, Any]]:
     """Cases of every process-group variant, N >= world, up to 40 so segments span shards."""
     from space import RandomDraw, draw_case
@@ -140,9 +118,9 @@ def drawn_cases(world: int) -> list[dict[str, Any]]:
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_process_group_variants_equal_the_reference_and_others_refuse(world: int, tmp_path: Path) -> None:
+def test_process_group_variants_equal_the_reference_and_others_refuse(world: int, gloo_group) -> None:
     assert with_capability(process_groups=True), "no variant declares process groups"
-    results = spawn_group(world, drawn_cases(world), tmp_path)
+    results = gloo_group(_worker, world, drawn_cases(world), str(Path(__file__).parent), deadline_s=DEADLINE_S)
     for r, res in enumerate(results):
         for c in res["cases"]:
             worst = max(c["fwd"], c["bwd"], c["lse"], c["unshard"])
