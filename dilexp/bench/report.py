@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from dilexp.telemetry.loggers import RunLoggers
 
 # Known columns first, in reading order; anything else follows, sorted.
 COLUMNS: tuple[str, ...] = (
@@ -182,56 +180,13 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
     console.print(table)
 
 
-class BenchLoggers:
-    """The run's CSV (metrics.csv) and W&B loggers; a logger that fails is dropped with a warning."""
-
-    def __init__(self, csv_logger: Any | None, wandb_logger: Any | None) -> None:
-        self.csv = csv_logger
-        self.wandb = wandb_logger
-
-    def _each(self) -> list[tuple[str, Any]]:
-        return [(n, lg) for n, lg in (("csv", self.csv), ("wandb", self.wandb)) if lg is not None]
-
-    def _drop(self, name: str, what: str, e: BaseException) -> None:
-        log.warning("%s logger: %s failed (%s: %s); the run goes on without it", name, what, type(e).__name__, e)
-        setattr(self, name, None)
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        for name, lg in self._each():
-            try:
-                with warnings.catch_warnings():
-                    # Lightning warns that the run folder is not empty (it holds .hydra/ and
-                    # bench.csv); it only ever rewrites its own metrics.csv there.
-                    warnings.filterwarnings("ignore", message="Experiment logs directory")
-                    lg.log_metrics(metrics, step=step)
-                    if name == "csv":
-                        lg.save()  # the file is complete after every case, even if the run dies later
-            except Exception as e:  # noqa: BLE001
-                self._drop(name, "log_metrics", e)
+class BenchLoggers(RunLoggers):
+    """The bench run's loggers (dilexp.telemetry.loggers.RunLoggers), with the rows as a W&B table."""
 
     def log_table(self, rows: list[dict[str, Any]], key: str = "bench/table") -> None:
-        if self.wandb is None or not rows:
+        if not rows:
             return
         cols = columns_of(rows)
         data = [[_cell(r.get(c)) if r.get(c) is not None else None for c in cols] for r in rows]
-        try:
-            # A column mixing numbers and "" would make wandb.Table guess a string type.
-            data = [[None if v == "" else v for v in row] for row in data]
-            self.wandb.log_table(key=key, columns=cols, data=data)
-        except Exception as e:  # noqa: BLE001
-            self._drop("wandb", "log_table", e)
-
-    def update_summary(self, metrics: dict[str, float]) -> None:
-        if self.wandb is None:
-            return
-        try:
-            self.wandb.experiment.summary.update(metrics)
-        except Exception as e:  # noqa: BLE001
-            self._drop("wandb", "summary", e)
-
-    def finish(self) -> None:
-        for name, lg in self._each():
-            try:
-                lg.finalize("success")
-            except Exception as e:  # noqa: BLE001
-                self._drop(name, "finalize", e)
+        # A column mixing numbers and "" would make wandb.Table guess a string type.
+        self.log_wandb_table(key, cols, [[None if v == "" else v for v in row] for row in data])
