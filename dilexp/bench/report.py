@@ -1,6 +1,7 @@
 """Bench rows -> bench.csv, a rich table, flat metrics, and the run's loggers (CSV, W&B).
 
-A row is a flat dict (see ``dilexp.tasks.bench``); rows of different targets may have
+A row is a flat dict (see ``dilexp.tasks.bench``), its statistics named as in training
+(``dilexp.metrics``: ``cache/hit_rate``, ``memory/pool_requests``); rows of different targets may have
 different keys, so files take the union of the keys, in a fixed order for the known ones.
 """
 
@@ -22,7 +23,7 @@ COLUMNS: tuple[str, ...] = (
     "median_ms", "p25_ms", "p75_ms", "min_ms", "max_ms",
     "per_call_ns", "median_ns", "p25_ns", "p75_ns", "min_ns", "max_ns",
     "warmup", "repeats", "calls_per_repeat",
-    "allowed_pairs", "density", "flops", "tflops", "gflops", "frac_of_matmul", "tokens_per_s",
+    "allowed_pairs", "density", "flop_count", "flops", "tflops", "gflops", "frac_of_matmul", "tokens_per_s",
     "speedup_vs_sdpa", "compare_to", "speedup_vs_compare", "compare_cache", "compare_memory",
     "peak_alloc_mb", "peak_alloc_source", "peak_held_mb", "pool_idle_mb", "cache_held_mb", "peak_reserved_mb",
     "rss_delta_mb", "peak_rss_since_reset_mb", "pattern_bytes",
@@ -75,8 +76,8 @@ def _num(value: Any) -> float | None:
 # Per-row figures worth a metric; the full row stays in summary.json and bench.csv.
 METRIC_FIELDS = (
     "median_ms", "p25_ms", "p75_ms", "min_ms", "per_call_ns", "tflops", "gflops", "frac_of_matmul",
-    "tokens_per_s", "speedup_vs_sdpa", "speedup_vs_compare", "peak_alloc_mb", "peak_held_mb", "cache_hit_rate",
-    "cache_misses", "pool_reuse_rate",
+    "tokens_per_s", "speedup_vs_sdpa", "speedup_vs_compare", "peak_alloc_mb", "peak_held_mb", "cache/hit_rate",
+    "cache/misses", "memory/pool_reuse_rate",
 )
 # Per-row ratios against a twin with another cache or pool, named after it.
 METRIC_PREFIXES = ("speedup_vs_cache_", "speedup_vs_memory_", "peak_vs_cache_", "peak_vs_memory_")
@@ -144,7 +145,10 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
     pair_keys = sorted({k for r in rows for k in r if k.startswith(("speedup_vs_cache_", "speedup_vs_memory_"))})
     table = Table(title=title, title_justify="left")
     heads = ["variant", "op" if cache_rows else "role", "N", "status"]
-    heads += ["ns/call", "p25-p75 ns"] if cache_rows else ["median ms", "p25-p75 ms", "GFLOP/s", "x sdpa", "x cmp"]
+    # The FLOP count (DESIGN section 8) the rows use: kernel (attention) or model.
+    counts = sorted({str(r["flop_count"]) for r in rows if r.get("flop_count")})
+    gflops = "GFLOP/s" + (f" ({'/'.join(counts)})" if counts else "")
+    heads += ["ns/call", "p25-p75 ns"] if cache_rows else ["median ms", "p25-p75 ms", gflops, "x sdpa", "x cmp"]
     heads += [f"x {k.removeprefix('speedup_vs_')}" for k in pair_keys]
     heads += ["cache hit"] if cache_rows else ["peak alloc MB", *(["peak held MB"] if pair_keys else []),
                                                "cache hit"]
@@ -165,8 +169,8 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
                       _fmt(r.get("gflops"), ".1f"), _fmt(r.get("speedup_vs_sdpa"), ".2f"),
                       _fmt(r.get("speedup_vs_compare"), ".2f")]
         cells += [_fmt(r.get(k), ".3f") for k in pair_keys]
-        hit = _num(r.get("cache_hit_rate"))
-        lookups = (_num(r.get("cache_hits")) or 0.0) + (_num(r.get("cache_misses")) or 0.0)
+        hit = _num(r.get("cache/hit_rate"))
+        lookups = (_num(r.get("cache/hits")) or 0.0) + (_num(r.get("cache/misses")) or 0.0)
         if not cache_rows:
             cells.append(_fmt(r.get("peak_alloc_mb"), ".1f"))
             if pair_keys:
