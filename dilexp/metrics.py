@@ -90,6 +90,12 @@ BENCH_METRICS = (
     Metric("bench/cases_ok", "cases ok", ""), Metric("bench/cases_oom", "oom", ""),
     Metric("bench/cases_error", "errors", ""),
 )
+# Figures worth a glance in sweep.json and the end-of-sweep table (the rest: dilexp.compare).
+SWEEP_HEADLINE = (
+    "val/loss", "perf/step_ms_median", "perf/tokens_per_s_median", "cache/hit_rate",
+    "memory/peak_allocated_mb", "memory/peak_rss_mb",
+    "bench/cases_ok", "bench/cases_oom", "bench/cases_error",
+)
 METRICS: dict[str, Metric] = {m.name: m for m in (*CACHE_METRICS, *POOL_METRICS, *TRAIN_METRICS, *BENCH_METRICS)}
 CACHE_STATS = tuple(m.name.removeprefix(CACHE_PREFIX) for m in CACHE_METRICS)
 CACHE_COUNTERS = frozenset(m.name.removeprefix(CACHE_PREFIX) for m in CACHE_METRICS if m.kind == COUNTER)

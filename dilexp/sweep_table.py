@@ -7,24 +7,19 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from dilexp.metrics import SWEEP_HEADLINE as HEADLINE  # noqa: F401  (re-exported)
+from dilexp.metrics import label
 from dilexp.sweep_jobs import INDEX, RUN_CONTROL, override_items, status_counts
-
-# Figures worth a glance in the index and the end-of-sweep table (the rest: dilexp.compare).
-HEADLINE = (
-    "val/loss", "perf/step_ms_median", "perf/tokens_per_s_median", "cache/hit_rate",
-    "memory/peak_allocated_mb", "memory/peak_rss_mb",
-    "bench/cases_ok", "bench/cases_oom", "bench/cases_error",
-)
 
 
 def headline(metrics: dict[str, Any] | None) -> dict[str, float]:
+    """The finite headline figures of a job's metrics (what sweep.json keeps of them)."""
     out: dict[str, float] = {}
     for key in HEADLINE:
         v = (metrics or {}).get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             out[key] = float(v)
     return out
-
 
 
 def _fmt(value: float) -> str:
@@ -49,12 +44,6 @@ def resume_command(index: dict[str, Any], sweep_dir: Path) -> str:
     return " ".join(shlex.quote(a) for a in args)
 
 
-# Short column titles for the end-of-sweep table.
-_LABELS = {
-    "val/loss": "val loss", "perf/step_ms_median": "step ms", "perf/tokens_per_s_median": "tok/s",
-    "cache/hit_rate": "cache hit", "memory/peak_allocated_mb": "peak MB", "memory/peak_rss_mb": "peak RSS MB",
-    "bench/cases_ok": "cases ok", "bench/cases_oom": "oom", "bench/cases_error": "errors",
-}
 
 
 def print_sweep_summary(index: dict[str, Any], sweep_dir: Path, max_rows: int = 24) -> None:
@@ -78,7 +67,7 @@ def print_sweep_summary(index: dict[str, Any], sweep_dir: Path, max_rows: int = 
     if not varying:
         table.add_column("overrides", overflow="fold")
     for k in metric_keys:
-        table.add_column(_LABELS.get(k, k), justify="right")
+        table.add_column(label(k), justify="right")
     table.add_column("folder", overflow="fold")
     style = {"completed": "green", "failed": "bold red"}
     for j in shown:
