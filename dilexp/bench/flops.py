@@ -8,7 +8,8 @@
   layer forward, backward 2x forward (no recomputation counted), so 12 * D forward + backward.
 
 Softmax, masks and copies are not counted: they are overhead, not useful work. Every figure
-built from these counts says which one it used (``COUNT_LABELS``).
+built from these counts says which one it used: a bench row's ``flop_count`` (``KERNEL`` or
+``MODEL``), the metrics line's "TFLOP/s (model)" and "MFU (model)" (``dilexp.metrics``).
 """
 
 from __future__ import annotations
@@ -31,8 +32,6 @@ PAIR_FLOPS_PER_D: dict[str, dict[str, float]] = {
 PARAM_FLOPS: dict[str, float] = {"fwd": 2.0, "fwd_bwd": 6.0}
 # The kernel count's forward + backward over its forward (14 / 4).
 FWD_BWD_FACTOR = PAIR_FLOPS_PER_D[KERNEL]["fwd_bwd"] / PAIR_FLOPS_PER_D[KERNEL]["fwd"]
-# How a figure names the count it used: "TFLOP/s (kernel)", "MFU (model)".
-COUNT_LABELS = {KERNEL: "kernel", MODEL: "model"}
 # Entries of the (H, N, N) mask a pattern without a closed-form count may build: 256 MiB of int64.
 DENSE_COUNT_LIMIT = 1 << 25
 
