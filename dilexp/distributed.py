@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from dilexp.errors import ConfigError
 
@@ -138,6 +139,40 @@ def init_context_parallel(
     dist.barrier(group=group)
     set_context_parallel_group(group)
     return group
+
+
+def init_mesh(dp: int, cp: int, device_type: str, timeout_s: float | None = None) -> DeviceMesh:
+    """The (dp, cp) device mesh of a job, with its cp dimension registered as the ring's group.
+
+    Built by torch's ``init_device_mesh`` on the default group (collective: every rank calls
+    it). Ranks are laid out row-major, so a cp group is ``cp`` consecutive ranks (on one node
+    when cp divides the devices per node, where the ring's transfers are cheapest) and a dp
+    group is the ranks with the same place in their cp group. Each dimension gets its own
+    communicator, so ring transfers never interleave with gradient reductions.
+    """
+    global _timeout_s
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("init_mesh: no default process group; call init_process_group first")
+    if timeout_s is not None:
+        _timeout_s = float(timeout_s)
+    world = dist.get_world_size()
+    if dp * cp != world:
+        raise ConfigError("hardware.cp_size", cp, f"a ({dp} x {cp}) mesh needs {dp * cp} ranks, the world has {world}")
+    mesh = init_device_mesh(device_type, (dp, cp), mesh_dim_names=("dp", "cp"))
+    group = mesh.get_group("cp")
+    # As in init_context_parallel: NCCL makes communicators lazily, and the ring's first
+    # batch_isend_irecv may not involve every member.
+    dist.barrier(group=group)
+    set_context_parallel_group(group)
+    return mesh
+
+
+def hsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The same ranks as (replicate over cp, shard over dp), the layout FSDP2's ``fully_shard``
+    takes for hybrid sharding: parameters sharded over dp, their gradients also averaged over cp."""
+    dp, cp = mesh.size(0), mesh.size(1)
+    ranks = mesh.mesh.view(dp, cp).t().contiguous()
+    return DeviceMesh(mesh.device_type, ranks, mesh_dim_names=("cp_replicate", "dp_shard"))
 
 
 def set_context_parallel_group(group: dist.ProcessGroup | None, enabled: bool = True) -> None:
@@ -283,7 +318,9 @@ __all__ = [
     "free_port",
     "global_rank",
     "group_rank_world",
+    "hsdp_mesh",
     "init_context_parallel",
+    "init_mesh",
     "init_process_group",
     "ranges_len",
     "set_context_parallel_group",

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dilexp.data.recall import RecallDataset
 from dilexp.data.text import TextTokens, TokenWindows
 from dilexp.errors import ConfigError
+
+
+class Strided(Sampler[int]):
+    """Replica ``rank`` of ``replicas`` reads samples rank, rank + replicas, ... (lazily: the
+    training set is drawn on demand and may hold 10^8 samples, which torch's DistributedSampler
+    would first list). Replica r's i-th sample is the single-process order's sample
+    i * replicas + r, so the replicas' batches of a step together are the next global batch."""
+
+    def __init__(self, size: int, replicas: int, rank: int) -> None:
+        self.size, self.replicas, self.rank = size, replicas, rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.size - self.size % self.replicas, self.replicas))
+
+    def __len__(self) -> int:
+        return self.size // self.replicas
 
 
 class DataModule(L.LightningDataModule):
@@ -17,13 +34,24 @@ class DataModule(L.LightningDataModule):
         super().__init__()
         self.train_set, self.val_set = train, val
         self.vocab_size, self.batch_size, self.num_workers = vocab_size, batch_size, num_workers
+        # (replicas, this replica) once the process group exists; set by hardware=cp, whose
+        # context-parallel ranks of one replica read the same batches.
+        self.replica: Callable[[], tuple[int, int]] | None = None
+
+    def _loader(self, data: Any, drop_last: bool) -> DataLoader:
+        sampler = None
+        if self.replica is not None:
+            replicas, rank = self.replica()
+            if replicas > 1:
+                sampler = Strided(len(data), replicas, rank)
+        return DataLoader(data, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          drop_last=drop_last, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          drop_last=True)
+        return self._loader(self.train_set, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return self._loader(self.val_set, drop_last=False)
 
 
 def build_datamodule(data: Any, batch_size: int, seed: int) -> DataModule:

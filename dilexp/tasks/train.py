@@ -24,7 +24,7 @@ from dilexp.evals import BinnedTotals
 from dilexp.models import GPT
 from dilexp.tasks.components import apply_hardware, build_model, compute_device
 from dilexp.tasks.context import JobContext
-from dilexp.tasks.context_parallel import ContextParallel
+from dilexp.tasks.context_parallel import ContextParallel, check_checkpoint_mesh
 from dilexp.telemetry.callbacks import Telemetry
 from dilexp.telemetry.loggers import make_loggers  # noqa: F401  (also task=eval's factory)
 from dilexp.telemetry.record import RunRecord
@@ -47,10 +47,26 @@ class LMModule(L.LightningModule):
         # the epoch's batches and the ranks before any division; the last epoch's counts are kept.
         self._by_distance, self._by_position = BinnedTotals(), BinnedTotals()
         self.bin_counts: dict[str, int] = {}
+        self._sharded = False
 
     def setup(self, stage: str) -> None:
-        if self.cp is not None:
+        if self.cp is not None and self.cp.mesh is None:
             self.cp.setup(self.model, self.device)
+
+    def configure_model(self) -> None:
+        # hardware.shard_model: FSDP2 over the mesh's dp dimension (ModelParallelStrategy calls
+        # this once the mesh exists, before the optimizer is built over the sharded parameters).
+        if self.cp is not None and self.cp.shard_model and not self._sharded:
+            self.cp.shard_model_state(self.model)
+            self._sharded = True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.cp is not None:
+            checkpoint["dilexp_mesh"] = self.cp.checkpoint_mesh()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.cp is not None:
+            check_checkpoint_mesh(checkpoint.get("dilexp_mesh"), self.cp.checkpoint_mesh(), "being loaded")
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -88,9 +104,12 @@ class LMModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, _, count = self._loss_terms(batch)
         loss = loss_sum / count
-        self.log("train/loss", self._whole(loss), prog_bar=True, on_step=True, on_epoch=False)
+        # Several replicas: the logged loss is their mean (the global batch's), not rank 0's.
+        many = self.cp is not None and self.cp.dp > 1
+        self.log("train/loss", self._whole(loss), prog_bar=True, on_step=True, on_epoch=False, sync_dist=many)
         if self.cp is not None:
-            # DDP averages gradients over the ranks; the shards' gradients must add up instead.
+            # DDP/FSDP average gradients over all ranks; the shards' gradients must add up
+            # within a replica (x cp), and the replicas are then averaged.
             loss = loss * self.cp.world
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
@@ -161,6 +180,8 @@ def check_train_settings(t: DictConfig) -> None:
             raise ConfigError(f"task.{key}", t[key], "must be >= 1")
     if float(t.lr) <= 0:
         raise ConfigError("task.lr", t.lr, "must be > 0")
+    if int(t.get("accumulate_grad_batches", 1)) < 1:
+        raise ConfigError("task.accumulate_grad_batches", t.accumulate_grad_batches, "must be >= 1")
     if int(t.warmup_steps) < 0:
         raise ConfigError("task.warmup_steps", t.warmup_steps, "must be >= 0")
 
@@ -214,6 +235,8 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
                   chance=getattr(prepared.data.train_set, "chance", None))
 
     loggers = make_loggers(cfg, ctx, record)
+    if prepared.cp is not None:
+        prepared.data.replica = prepared.cp.replica
 
     tokens = int(t.batch_size) * prepared.seq_len
     telemetry = Telemetry(
@@ -222,6 +245,7 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
         caches=lambda: prepared.parts.caches, pool=prepared.parts.pool,
         extra=lambda: {f"ring/{k}": v for k, v in ring_stats(model).items()},
         data_parallel=prepared.cp is None,
+        mesh=(prepared.cp.dp, prepared.cp.world) if prepared.cp is not None else None,
     )
     callbacks: list[L.Callback] = [telemetry, TQDMProgressBar(refresh_rate=max(1, int(t.log_every_n_steps) // 2))]
     if t.get("checkpoint", True) and not t.get("fast_dev_run"):
@@ -231,9 +255,11 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
     hw = cfg.hardware
     trainer = L.Trainer(
         accelerator=str(hw.accelerator), devices=hw.devices, num_nodes=int(hw.get("num_nodes", 1)),
-        strategy=strategy(hw), precision=hw.precision,
+        strategy=prepared.cp.strategy() if prepared.cp is not None else strategy(hw), precision=hw.precision,
+        # Under cp the data module splits over the dp replicas only (cp ranks share a batch).
         use_distributed_sampler=prepared.cp is None,
         max_steps=int(t.max_steps), val_check_interval=int(t.val_every_n_steps),
+        accumulate_grad_batches=int(t.get("accumulate_grad_batches", 1)),
         check_val_every_n_epoch=None, limit_val_batches=int(t.val_batches),
         num_sanity_val_steps=0,
         log_every_n_steps=int(t.log_every_n_steps), gradient_clip_val=float(t.grad_clip) or None,
