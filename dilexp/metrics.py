@@ -81,6 +81,7 @@ TRAIN_METRICS = (
     Metric("memory/peak_allocated_mb", "peak alloc MB", "MB"), Metric("memory/peak_reserved_mb", "peak reserved MB",
                                                                        "MB"),
     Metric("memory/peak_rss_mb", "peak RSS MB", "MB"),
+    Metric("memory/model_state_mb", "model state MB", "MB"),
 )
 # A bench row's own figures (one case of one candidate). Its TFLOP/s is by the row's
 # ``flop_count`` (kernel for the attention target, model for the model target).

@@ -80,6 +80,9 @@ def test_mesh_2x2_equals_2x1_and_one_process_and_sharded(dilexp_cli, tmp_path: P
     # The ring really ran across the cp pair (a 64-token sequence over 2 ranks).
     assert m["ring/bytes_sent"] > 0
     assert ssh["metrics"]["mesh/dp"] == 2.0
+    # Sharded over 2 replicas: each rank holds about half the parameters, gradients and Adam state.
+    full, sharded = m["memory/model_state_mb"], ssh["metrics"]["memory/model_state_mb"]
+    assert 0.4 * full < sharded < 0.6 * full, (full, sharded)
 
 
 def test_strided_sampler_splits_the_global_order() -> None:

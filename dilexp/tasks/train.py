@@ -217,6 +217,20 @@ class Prepared:
             pregenerate_patterns(self.model.attention_modules(), self.seq_len, self.device, causal=True)
 
 
+def model_state_mb(model: torch.nn.Module, optimizers: list[Any]) -> float:
+    """This rank's parameters, gradients and optimizer state in MB: what sharding divides
+    (a sharded tensor counts its local shard; a process's RSS on CPU hides it under the runtime)."""
+    def local(t: Any) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+    total = sum(local(p) + (local(p.grad) if p.grad is not None else 0) for p in model.parameters())
+    for opt in optimizers:
+        total += sum(local(v) for state in opt.state.values() for v in state.values() if v is not None and
+                     getattr(v, "dim", lambda: 0)() > 0)
+    return total / 2**20
+
+
 def strategy(hw: DictConfig) -> Any:
     """DDP with the configured process-group timeout: a dead or hung rank ends in an error."""
     name = str(hw.get("strategy", "auto"))
@@ -277,6 +291,7 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
     metrics["train/loss_first"], metrics["train/loss_last"] = losses[0], losses[-1]
     metrics["train/steps"] = float(trainer.global_step)
     metrics["model/params_non_embedding"] = float(model.num_params())
+    metrics["memory/model_state_mb"] = model_state_mb(lm.model, trainer.optimizers)
     metrics.update({k.replace("val/", "val/count_", 1): float(n) for k, n in lm.bin_counts.items()})
     keys = sorted({str(k) for c in prepared.parts.caches if hasattr(c, "keys") for k in c.keys()})
     for lg in loggers:

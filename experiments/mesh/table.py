@@ -14,16 +14,17 @@ def main(root: Path) -> None:
         hw, m = s["config"]["hardware"], s.get("metrics", {})
         if s.get("status") != "completed":
             rows.append((0, 0, hw.get("shard_model"), f"| {hw.get('cp_size')} | {hw.get('shard_model')} | "
-                         f"{s.get('status')} | | | | |"))
+                         f"{s.get('status')} | | | | | |"))
             continue
         dp, cp = int(m["mesh/dp"]), int(m["mesh/cp"])
         rows.append((-dp, cp, hw["shard_model"],
                      f"| {dp} x {cp} | {str(hw['shard_model']).lower()} | {m['perf/tokens_per_s_median']:.0f} | "
                      f"{m['perf/tokens_per_s_per_device_median']:.0f} | {m['perf/step_ms_median']:.0f} | "
-                     f"{m['memory/peak_rss_mb']:.0f} | {m['train/loss_last']:.4f} |"))
-    print("| mesh (dp x cp) | shard_model | tok/s total | tok/s per device | step ms | peak RSS rank 0 (MB) | "
-          "last train loss |")
-    print("|---|---|---|---|---|---|---|")
+                     f"{m['memory/model_state_mb']:.1f} | {m['memory/peak_rss_mb']:.0f} | "
+                     f"{m['train/loss_last']:.4f} |"))
+    print("| mesh (dp x cp) | shard_model | tok/s total | tok/s per device | step ms | model state per rank (MB) | "
+          "peak RSS rank 0 (MB) | last train loss |")
+    print("|---|---|---|---|---|---|---|---|")
     for *_, line in sorted(rows):
         print(line)
 
