@@ -178,8 +178,10 @@ def _flash_forward(q, k, v, causal, scale, mask=None):
 def _flash_backward(grad, q, k, v, out, lse, causal, scale, mask=None):
     rng = _empty_rng(q.device)
     n_q, n_k = q.shape[-2], k.shape[-2]
+    # cum_seq_q/k undefined (None), as the dense forward returns them: defined ones would
+    # select the variable-length kernel.
     return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-        grad, q, k, v, out, lse.contiguous(), rng, rng, n_q, n_k, 0.0, causal, rng, rng, scale=scale
+        grad, q, k, v, out, lse.contiguous(), None, None, n_q, n_k, 0.0, causal, rng, rng, scale=scale
     )
 
 
