@@ -243,7 +243,8 @@ class ImprovedDilatedAttention(Attention):
         super().__init__(num_heads, head_dim, cache=cache, pool=pool)
         self.pattern = pattern
         self.scale = 1.0 / math.sqrt(head_dim)
-        # False forces the portable (autograd) path on CPU too: tests cover both with it.
+        # False forces the portable (autograd) path where a fused kernel exists: tests cover both.
+        # (The name predates the CUDA kernels; it now selects the fused path on every device.)
         self.use_cpu_flash = True
 
     def use_path(self, path: str) -> None:
