@@ -29,6 +29,11 @@ def num(row: dict[str, str], key: str) -> float:
         return math.nan
 
 
+def first(row: dict[str, str], *keys: str) -> float:
+    """The first of ``keys`` the row has a number for (bench column names changed once)."""
+    return next((v for v in (num(row, k) for k in keys) if math.isfinite(v)), math.nan)
+
+
 def fmt(x: float, digits: int = 1) -> str:
     return "—" if not math.isfinite(x) else f"{x:.{digits}f}"
 
@@ -94,8 +99,9 @@ def attention_md(rows: list[dict[str, str]], seg_len: int) -> tuple[str, dict]:
                      fmt(num(r, "peak_alloc_mb"), 0)])
     body.sort(key=lambda b: (int(b[1]), b[2], int(b[3]), b[0]))
     seg_line = ", ".join(f"D={d} {m}: {sig(v)}" for (d, m), v in sorted(ceiling.items()))
+    counts = sorted({r.get("flop_count", "") for r in attention_rows(rows)} - {""})
     text = (f"SDPA at the per-segment length {seg_len} (same tokens as the longest N), TFLOP/s: "
-            f"{seg_line or 'not measured'}\n\n")
+            f"{seg_line or 'not measured'}\n\nFLOP count: {', '.join(counts) or 'as dilexp/bench/flops.py'}\n\n")
     text += table(["variant", "D", "mode", "N", "status", "median ms", "TFLOP/s", "% of SDPA@seg",
                    "speedup vs SDPA full", "peak MB"], body)
     return text, {"found": found, "ceiling": ceiling}
@@ -110,8 +116,8 @@ def pairs_md(rows: list[dict[str, str]]) -> str:
             continue
         body.append([r["sweep"], r["variant"], r.get("role", ""), r.get("cache_strategy", ""),
                      r.get("memory_kind", ""), r["seq_len"], r["status"], fmt(num(r, "median_ms"), 2),
-                     fmt(num(r, "peak_alloc_mb"), 0), fmt(num(r, "cache_hit_rate"), 3),
-                     fmt(num(r, "pool_reuse_rate"), 3)])
+                     fmt(num(r, "peak_alloc_mb"), 0), fmt(first(r, "cache/hit_rate", "cache_hit_rate"), 3),
+                     fmt(first(r, "memory/pool_reuse_rate", "pool_reuse_rate"), 3)])
     return table(["pair", "variant", "role", "cache", "memory", "N", "status", "median ms", "peak MB",
                   "cache hit rate", "pool reuse rate"], body)
 
