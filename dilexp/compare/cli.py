@@ -38,7 +38,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="bench: only the variant's own rows (main), or the SDPA/compare/matmul rows too (all)")
     p.add_argument("--format", choices=("table", "md", "csv"), help="default: table, or from --out's suffix")
     p.add_argument("--out", type=Path, help="write the table here instead of the terminal")
-    p.add_argument("--plot", type=Path, metavar="FILE.png", help="plot --y against --x, one line per configuration")
+    p.add_argument("--plot", type=Path, metavar="FILE.png",
+                   help="plot --y against --x: one line per configuration, bars for a categorical --x")
     p.add_argument("--x", help="plot x: a setting or bench field (default: seq_len; --frontier: a metric, "
                                "perf/tokens_per_s_median)")
     p.add_argument("--y", help="plot y: a metric (default: median_ms; --frontier: val/acc)")

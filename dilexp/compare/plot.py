@@ -3,18 +3,15 @@ categorical setting (attention=sdpa,dilated,...)."""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dilexp.compare.rows import Row, _aliases, _sort_key, varying_keys
+from dilexp.compare.rows import Row, _aliases, _natural_key, _sort_key, varying_keys
 from dilexp.compare.runs import CompareError, _num
-from dilexp.compare.table import LABELS, Table
-
-# Bench rows that are the machine's yardstick, not a point of the sweep (the 4096² matmul):
-# drawn as a level across the plot, never on the x axis.
-REFERENCE_ROLES = frozenset({"reference"})
+from dilexp.compare.table import LABELS, REFERENCE_ROLES, Table
 
 
 def _match_key(name: str, keys: Iterable[str]) -> str | None:
@@ -30,7 +27,7 @@ class PlotInfo:
     path: Path
     x: str
     y: str
-    lines: list[str]
+    lines: list[str]  # the legend's labels, in its order
     xscale: str
     yscale: str
     kind: str = "lines"  # or "bars" for a categorical x
@@ -51,6 +48,19 @@ def _label_keys(rows: list[Row], xk: str) -> list[str]:
     """The settings that vary among the plotted rows, less x and what moves with it."""
     ignore = {xk} | _aliases(rows, xk)
     return [k for k in varying_keys(rows) if k not in ignore]
+
+
+def _label(row: Row, keys: list[str]) -> str:
+    """``k=v`` of the varying settings, less one whose value an earlier one already says
+    (a bench row's variant that is its job's attention choice)."""
+    parts: list[str] = []
+    said: set[str] = set()
+    for k in keys:
+        value = row.identity.get(k)
+        if value is not None and value not in said:
+            parts.append(f"{k}={value}")
+            said.add(value)
+    return ", ".join(parts)
 
 
 def _why_empty(t: Table, xk: str, yk: str) -> str:
@@ -90,7 +100,9 @@ def plot(tables: list[Table], out: Path, x: str, y: str) -> PlotInfo:
     import matplotlib.pyplot as plt
 
     t, xk, yk = _pick(tables, x, y)
-    refs = [r for r in t.rows if r.identity.get("role") in REFERENCE_ROLES and yk in r.values]
+    # The reference rows come in a table of their own (make_tables): a level on this plot.
+    refs = [r for u in tables if u.kind == t.kind for r in u.rows
+            if r.identity.get("role") in REFERENCE_ROLES and yk in r.values]
     rows = [r for r in t.rows if r not in refs and yk in r.values and xk in r.identity]
     if not rows:
         raise CompareError(_why_empty(t, xk, yk))
@@ -98,14 +110,13 @@ def plot(tables: list[Table], out: Path, x: str, y: str) -> PlotInfo:
     label_keys = _label_keys(rows, xk)
     lines: dict[str, list[Row]] = {}
     for r in rows:
-        label = ", ".join(f"{k}={r.identity[k]}" for k in label_keys if k in r.identity) or LABELS.get(yk, yk)
-        lines.setdefault(label, []).append(r)
+        lines.setdefault(_label(r, label_keys) or LABELS.get(yk, yk), []).append(r)
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     ys_all = [r.values[yk] for r in rows]
     if numeric:
         xs_all = []
-        for label, pts in sorted(lines.items()):
+        for label, pts in sorted(lines.items(), key=lambda kv: _natural_key(kv[0])):
             pts.sort(key=lambda r: _num(r.identity[xk]) or 0.0)
             xs = [float(r.identity[xk]) for r in pts]
             ax.errorbar(xs, [r.values[yk] for r in pts], yerr=_spread(pts, yk), marker="o", capsize=3, label=label)
@@ -122,23 +133,29 @@ def plot(tables: list[Table], out: Path, x: str, y: str) -> PlotInfo:
     else:
         cats = sorted({r.identity[xk] for r in rows}, key=_sort_key)
         width = 0.8 / len(lines)
-        for i, (label, pts) in enumerate(sorted(lines.items())):
+        for i, (label, pts) in enumerate(sorted(lines.items(), key=lambda kv: _natural_key(kv[0]))):
             pts.sort(key=lambda r: cats.index(r.identity[xk]))
             pos = [cats.index(r.identity[xk]) - 0.4 + width * (i + 0.5) for r in pts]
             ax.bar(pos, [r.values[yk] for r in pts], width=width, yerr=_spread(pts, yk), capsize=3, label=label)
         ax.set_xticks(range(len(cats)))
         ax.set_xticklabels(cats, rotation=30 if max(len(c) for c in cats) > 8 else 0, ha="right" if
                            max(len(c) for c in cats) > 8 else "center")
-    references = []
+    # Every bench job measures the same reference: one level, at the median over the jobs.
+    levels: dict[str, list[float]] = {}
     for r in refs:
-        name = f"{r.identity.get('variant', 'reference')} {r.identity.get('seq_len', '')}".strip()
-        references.append(name)
-        ax.axhline(r.values[yk], color="grey", linestyle="--", linewidth=1, label=f"{name} (reference)")
-        ys_all.append(r.values[yk])
+        size = r.identity.get("seq_len")  # the matmul's side
+        name = f"{r.identity.get('variant', 'reference')}" + (f" {size}x{size}" if size else "")
+        levels.setdefault(name, []).append(r.values[yk])
+    for name, values in sorted(levels.items()):
+        level = statistics.median(values)
+        runs = f", median of {len(values)} runs" if len(values) > 1 else ""
+        ax.axhline(level, color="grey", linestyle="--", linewidth=1, label=f"{name} (reference{runs})")
+        ys_all.append(level)
+    references = sorted(levels)
     _log_if_wide(ax, ax.yaxis, ys_all)
     ax.set_xlabel(xk)
-    ax.set_ylabel(LABELS.get(yk, yk) + ("  (bars: quartiles of repeats)" if any(r.samples.get(yk) for r in rows)
-                                         else ""))
+    spread = any(r.samples.get(yk) for r in rows)
+    ax.set_ylabel(LABELS.get(yk, yk) + ("  (error bars: quartiles of repeats)" if spread else ""))
     ax.set_title(f"{LABELS.get(yk, yk)} vs {xk}", fontsize=11)
     ax.grid(True, which="both", alpha=0.3, axis="both" if numeric else "y")
     if len(lines) > 1 or refs:
@@ -146,8 +163,8 @@ def plot(tables: list[Table], out: Path, x: str, y: str) -> PlotInfo:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, frameon=False)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, bbox_inches="tight")
-    info = PlotInfo(out, xk, yk, sorted(lines), ax.get_xscale(), ax.get_yscale(), "lines" if numeric else "bars",
-                    references)
+    info = PlotInfo(out, xk, yk, sorted(lines, key=_natural_key), ax.get_xscale(), ax.get_yscale(),
+                    "lines" if numeric else "bars", references)
     plt.close(fig)
     return info
 

@@ -23,6 +23,9 @@ LABELS = {
     "median_ms": "median ms", "tflops": "TFLOP/s", "speedup_vs_sdpa": "speedup vs sdpa",
     "speedup_vs_compare": "speedup vs compare", "peak_alloc_mb": "peak MB", "cache_hit_rate": "cache hit",
 }
+# Bench rows that are the machine's yardstick, not a case of the sweep (the matmul): a table of
+# their own, and a level across a plot, never a point on its N axis.
+REFERENCE_ROLES = frozenset({"reference"})
 # A completed row without a figure: the configuration does not have it (sdpa's cache hit rate).
 NOT_APPLICABLE = "n/a"
 
@@ -130,12 +133,20 @@ def make_tables(runs: list[Run], metric_specs: Sequence[str] | None, bench_rows:
                 if all(r.identity.get(k) == v for k, v in where)]
         if not rows:
             continue
-        # Default columns nobody has are noise; asked-for ones stay, to show they are missing.
-        names = [m for m in metrics if metric_specs or any(m in r.values for r in rows)]
-        keys = varying_keys(rows)
-        rows.sort(key=lambda r: [_sort_key(r.identity.get(k, "")) for k in keys])
         evals = any(r.task == "eval" for r in runs)
         title = ("train and eval runs" if evals else "train runs") if kind == "train" else \
             "bench cases" + ("" if bench_rows == "all" else " (role=main)")
-        tables.append(Table(title, kind, keys, names, rows))
+        refs = [r for r in rows if r.identity.get("role") in REFERENCE_ROLES]
+        cases = [r for r in rows if r not in refs]
+        for part, part_title in ((cases, title), (refs, "reference rows (the machine's roof)")):
+            if part:
+                tables.append(_table(part_title, kind, part, metrics, bool(metric_specs)))
     return tables
+
+
+def _table(title: str, kind: str, rows: list[Row], metrics: list[str], asked: bool) -> Table:
+    # Default columns nobody has are noise; asked-for ones stay, to show they are missing.
+    names = [m for m in metrics if asked or any(m in r.values for r in rows)]
+    keys = varying_keys(rows)
+    rows.sort(key=lambda r: [_sort_key(r.identity.get(k, "")) for k in keys])
+    return Table(title, kind, keys, names, rows)
