@@ -107,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"dilexp.compare: wrote {args.out}", file=sys.stderr)
     if args.plot:
         info = plot(tables, args.plot, args.x or "seq_len", args.y or "median_ms")
-        print(f"dilexp.compare: wrote {info.path} ({info.y} vs {info.x}, {len(info.lines)} lines)", file=sys.stderr)
+        what = f"{len(info.lines)} line{'s' if len(info.lines) != 1 else ''}" if info.kind == "lines" else \
+            f"bars, {len(info.lines)} series"
+        print(f"dilexp.compare: wrote {info.path} ({info.y} vs {info.x}, {what})", file=sys.stderr)
     return 0
 
 

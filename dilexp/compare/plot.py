@@ -82,8 +82,10 @@ def _log_if_wide(ax: Any, axis: Any, values: list[float]) -> None:
         axis.set_minor_formatter(NullFormatter())
 
 
-def _spread(pts: list[Row], yk: str) -> list[list[float]]:
+def _spread(pts: list[Row], yk: str) -> list[list[float]] | None:
     """Error bars: the quartiles of each point's repeats (none where there is one figure)."""
+    if not any(r.samples.get(yk) for r in pts):
+        return None
     ys = [r.values[yk] for r in pts]
     lo = [y - _quantile(r.samples.get(yk), 0.25, y) for r, y in zip(pts, ys, strict=True)]
     hi = [_quantile(r.samples.get(yk), 0.75, y) - y for r, y in zip(pts, ys, strict=True)]
