@@ -20,7 +20,6 @@ where both rows hold repeated measurements (several seeds, or a bench case's ``t
 gives a bootstrap confidence interval; an interval that contains 1 is "no clear difference".
 """
 
-
 from __future__ import annotations
 
 from dilexp.compare.baseline import apply_baseline, bootstrap_ratio
