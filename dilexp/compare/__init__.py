@@ -28,11 +28,11 @@ from dilexp.compare.plot import PlotInfo, _match_key, plot
 from dilexp.compare.render import render_csv, render_markdown, render_rich
 from dilexp.compare.rows import Row, _natural_key, build_rows, expand_metrics, varying_keys
 from dilexp.compare.runs import CASE_KEYS, NOT_IDENTITY, CompareError, Run, _num, find_runs, settings_of
-from dilexp.compare.table import BENCH_METRICS, LABELS, TRAIN_METRICS, Table, _fmt, make_tables
+from dilexp.compare.table import BENCH_METRICS, TRAIN_METRICS, Table, _fmt, make_tables
 from dilexp.compare.wandb_source import wandb_runs
 
 __all__ = [
-    "BENCH_METRICS", "CASE_KEYS", "LABELS", "NOT_IDENTITY", "TRAIN_METRICS", "CompareError", "PlotInfo", "Row", "Run",
+    "BENCH_METRICS", "CASE_KEYS", "NOT_IDENTITY", "TRAIN_METRICS", "CompareError", "PlotInfo", "Row", "Run",
     "Table", "_fmt", "_match_key", "_natural_key", "_num", "apply_baseline", "bootstrap_ratio", "build_rows",
     "expand_metrics", "find_runs", "main", "make_tables", "parse_args", "plot", "render_csv", "render_markdown",
     "render_rich", "run", "settings_of", "varying_keys", "wandb_runs",

@@ -11,7 +11,8 @@ from typing import Any
 
 from dilexp.compare.rows import Row, _aliases, _natural_key, _sort_key, varying_keys
 from dilexp.compare.runs import CompareError, _num
-from dilexp.compare.table import LABELS, REFERENCE_ROLES, Table
+from dilexp.compare.table import REFERENCE_ROLES, Table
+from dilexp.metrics import label as metric_label
 
 
 def _match_key(name: str, keys: Iterable[str]) -> str | None:
@@ -112,7 +113,7 @@ def plot(tables: list[Table], out: Path, x: str, y: str) -> PlotInfo:
     label_keys = _label_keys(rows, xk)
     lines: dict[str, list[Row]] = {}
     for r in rows:
-        lines.setdefault(_label(r, label_keys) or LABELS.get(yk, yk), []).append(r)
+        lines.setdefault(_label(r, label_keys) or metric_label(yk), []).append(r)
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     ys_all = [r.values[yk] for r in rows]
@@ -157,8 +158,8 @@ def plot(tables: list[Table], out: Path, x: str, y: str) -> PlotInfo:
     _log_if_wide(ax, ax.yaxis, ys_all)
     ax.set_xlabel(xk)
     spread = any(r.samples.get(yk) for r in rows)
-    ax.set_ylabel(LABELS.get(yk, yk) + ("  (error bars: quartiles of repeats)" if spread else ""))
-    ax.set_title(f"{LABELS.get(yk, yk)} vs {xk}", fontsize=11)
+    ax.set_ylabel(metric_label(yk) + ("  (error bars: quartiles of repeats)" if spread else ""))
+    ax.set_title(f"{metric_label(yk)} vs {xk}", fontsize=11)
     ax.grid(True, which="both", alpha=0.3, axis="both" if numeric else "y")
     if len(lines) > 1 or refs:
         # Outside the axes: a legend never hides a point.

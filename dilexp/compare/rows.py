@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dilexp.compare.runs import CASE_KEYS, RAW_SAMPLES, Run, _num
+from dilexp.metrics import canonical, canonical_row
 
 
 @dataclass
@@ -63,7 +64,7 @@ def _records(runs: list[Run], kind: str, bench_rows: str) -> list[_Record]:
         if not is_bench or not run.bench:
             out.append(_Record(dict(run.settings), run.status, run.metrics, {}, run.path, run.error, done))
             continue
-        for row in run.bench:
+        for row in map(canonical_row, run.bench):  # records from before bench rows took training's names
             if bench_rows == "main" and row.get("role") not in (None, "main"):
                 continue
             case = {k: str(row[k]) for k in CASE_KEYS if row.get(k) is not None}
@@ -125,7 +126,7 @@ def expand_metrics(specs: Sequence[str], runs: list[Run], kind: str, bench_rows:
         available.update(k for k, v in rec.metrics.items() if _num(v) is not None)
     out: list[str] = []
     for spec in specs:
-        alts = [a.strip() for a in spec.split("|") if a.strip()]
+        alts = [canonical(a.strip()) for a in spec.split("|") if a.strip()]
         if len(alts) == 1 and any(ch in alts[0] for ch in "*?["):
             # Natural order: val/acc_dist/2-3 before val/acc_dist/16-31.
             matched = sorted(fnmatch.filter(available, alts[0]), key=_natural_key)

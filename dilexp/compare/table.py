@@ -10,19 +10,12 @@ from typing import Any
 
 from dilexp.compare.rows import Row, _sort_key, build_rows, expand_metrics, varying_keys
 from dilexp.compare.runs import Run
+from dilexp.metrics import label
 
 TRAIN_METRICS = ("perf/step_ms_median", "perf/tokens_per_s_median", "memory/peak_allocated_mb|memory/peak_rss_mb",
                  "cache/hit_rate", "val/loss")
-BENCH_METRICS = ("median_ms", "tflops", "speedup_vs_sdpa", "peak_alloc_mb", "cache_hit_rate")
+BENCH_METRICS = ("median_ms", "tflops", "speedup_vs_sdpa", "peak_alloc_mb", "cache/hit_rate")
 
-# Short column titles for people (md and terminal); CSV keeps the metric keys.
-LABELS = {
-    "perf/step_ms_median": "step ms", "perf/tokens_per_s_median": "tok/s", "perf/tflops_median": "TFLOP/s",
-    "memory/peak_allocated_mb": "peak alloc MB", "memory/peak_reserved_mb": "peak reserved MB",
-    "memory/peak_rss_mb": "peak RSS MB", "cache/hit_rate": "cache hit", "val/loss": "val loss",
-    "median_ms": "median ms", "tflops": "TFLOP/s", "speedup_vs_sdpa": "speedup vs sdpa",
-    "speedup_vs_compare": "speedup vs compare", "peak_alloc_mb": "peak MB", "cache_hit_rate": "cache hit",
-}
 # Bench rows that are the machine's yardstick, not a case of the sweep (the matmul): a table of
 # their own, and a level across a plot, never a point on its N axis.
 REFERENCE_ROLES = frozenset({"reference"})
@@ -65,7 +58,8 @@ class Table:
         if any(r.n > 1 for r in self.rows):
             cols.append(("n", "n"))
         cols += [(k, k) for k in self.keys]
-        cols += [(m, LABELS.get(m, m)) for m in self.metrics]
+        # Short titles for people (md and terminal); CSV keeps the metric keys.
+        cols += [(m, label(m)) for m in self.metrics]
         if self.ratio_of:
             cols.append(("ratio", "ratio"))
             if any(r.ci for r in self.rows):
