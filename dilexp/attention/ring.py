@@ -36,9 +36,10 @@ and then raises ``RingCommError`` naming this rank and the peer it waited for.
 Compute. A block pair is a few fused attention calls on strided views of the shards
 (``_ring_plan.BlockOp``: per branch, the selected positions of each segment the two
 blocks share), with no gather, padding or mask; K/V are never copied single-process.
-On CPU the calls go to the fused flash kernel, which returns the log-sum-exp and whose
-backward takes the final output and log-sum-exp; elsewhere a portable matmul path runs
-on the same views. The first op to write a span of rows copies into the accumulators,
+The calls go to the device's fused kernel (``_kernels.lse_kernel``: flash on CPU, flash
+or memory-efficient on CUDA), which returns the log-sum-exp and whose backward takes the
+final output and log-sum-exp; where none takes the inputs (fp64 on CUDA) a portable
+matmul path runs on the same views. The first op to write a span of rows copies into the accumulators,
 later ones merge (forward) or add (backward), and only heads with unwritten rows are
 zeroed (``_ring_plan.RingPlan``).
 
@@ -58,7 +59,7 @@ import torch
 import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
-from dilexp.attention._kernels import build_pattern, check_dims, cpu_flash_ok
+from dilexp.attention._kernels import build_pattern, check_dims, fused_ok
 from dilexp.attention._ring_comm import TAG_DKV, TAG_FINAL, TAG_KV, Pending, RingComm, RingCommError
 from dilexp.attention._ring_kernel import _unk, acc_dtype, op_backward, op_forward
 from dilexp.attention._ring_plan import (
@@ -169,7 +170,7 @@ class _Runner:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lay = self.layout
         acc = acc_dtype(q.dtype)
-        self.fused = self.attn.use_fused and cpu_flash_ok(q)
+        self.fused = self.attn.use_fused and fused_ok(q)
         out = self._buffer(q, acc, self.plan.q_zero)
         # Rows no op writes keep -inf (the backward never reads them).
         lse = self.attn.pool.empty(q.shape[:3], acc, q.device).fill_(float("-inf"))
@@ -212,7 +213,7 @@ class _Runner:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lay = self.layout
         acc = lse.dtype
-        self.fused = self.attn.use_fused and cpu_flash_ok(q)
+        self.fused = self.attn.use_fused and fused_ok(q)
         dq = self._buffer(q, acc, self.plan.q_zero)
         if lay.world == 1:
             dk = self._buffer(k, acc, self.plan.k_zero)
@@ -303,8 +304,8 @@ class _RingFunction(torch.autograd.Function):
 class RingDilatedAttention(Attention):
     """Shared implementation of ``ring_v2`` and ``ring_v3`` (see the module docstring)."""
 
-    # "fused": torch's CPU flash kernel per op (CPU only; elsewhere the portable path runs
-    # anyway); "portable": explicit matmuls on the same views, the path of other devices.
+    # "fused": the device's LSE kernel per op (_kernels.lse_kernel; where none takes the
+    # inputs the portable path runs anyway); "portable": explicit matmuls on the same views.
     capabilities = Capabilities(
         pattern="dilated", head_layouts=("grouped", "all"), process_groups=True, lse=True,
         paths=("fused", "portable"),
