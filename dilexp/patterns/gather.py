@@ -69,3 +69,9 @@ def gather_entry(
     """(key, build) of the plan a ``dilated`` call of length ``n`` looks up: what a cache
     benchmark stores and serves to measure a realistic pattern."""
     return gather_key(pattern, n, num_heads, causal), lambda: build_gather_plan(pattern, n, num_heads, causal)
+
+
+def positions_entry(n: int, w: int, r: int, o: int) -> tuple[tuple[Hashable, ...], Callable[[], tuple]]:
+    """(key, build) of one branch's padded positions alone (``segment_positions``): a small
+    stand-in pattern where a full gather plan would hold an N x N mask (one segment, w = N)."""
+    return ("dilated_idx", n, w, r, o), lambda: segment_positions(n, w, r, o)

@@ -54,7 +54,8 @@ from dilexp.errors import ConfigError
 from dilexp.memory import POOLS
 from dilexp.models import GPT
 from dilexp.paths import CONF_DIR
-from dilexp.patterns.dilated import DilatedPattern, segment_positions
+from dilexp.patterns.dilated import DilatedPattern
+from dilexp.patterns.gather import gather_entry, positions_entry
 from dilexp.tasks.components import AttentionParts, apply_hardware, attention_parts, build_model, compute_device
 from dilexp.tasks.context import JobContext, resolved
 from dilexp.telemetry.record import RunRecord
@@ -599,15 +600,12 @@ def _per_call_ns(calls: int, repeats: int, warmup: int, batch: Callable[[], None
 
 
 def _realistic_pattern(p: PreparedBench, n: int) -> tuple[tuple[Any, ...], Callable[[], Any]]:
-    """The key and build of the first branch of the attention's pattern at N, as variants use them."""
+    """The key and build of the plan a dilated attention looks up at N (patterns/gather.py)."""
     attn = p.main.attn
     pattern = getattr(attn, "pattern", None)
     if isinstance(pattern, DilatedPattern) and attn is not None:
-        b = pattern.branches(attn.num_heads)[0]
-        w, r, o = b.segment_length, b.dilation_rate, b.offset
-    else:
-        w, r, o = n, 1, 0  # full attention: one segment, every position
-    return ("dilated_idx", n, w, r, o), lambda: segment_positions(n, w, r, o)
+        return gather_entry(pattern, n, attn.num_heads, p.settings.causal)
+    return positions_entry(n, n, 1, 0)  # full attention: one segment, every position
 
 
 def cache_rows(p: PreparedBench, cfg: DictConfig, n: int) -> list[dict[str, Any]]:
