@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dilexp.attention import Attention, available
+from dilexp.attention import Attention, available, capabilities
 from dilexp.attention.registry import settings_of
 from dilexp.bench.flops import MODES, attention_flops, attention_pairs, dense_pairs, matmul_flops, model_flops
 from dilexp.bench.memory import measure_case_memory
@@ -197,7 +197,8 @@ def _compare_choice(cfg: DictConfig, node: DictConfig, key: str, group: str, fie
 
 def with_attention(cfg: DictConfig, name: str, keep_settings: bool) -> DictConfig:
     """A copy of ``cfg`` whose attention is ``name``: with the same pattern settings
-    (a compared variant computes the same function), or none (full SDPA)."""
+    (a compared variant computes the same function), or none (full SDPA). A variant that
+    takes no pool (sdpa, flex) gets ``memory=none``: it would refuse the run's pool."""
     out = copy.deepcopy(cfg)
     with open_dict(out):
         if keep_settings:
@@ -208,6 +209,8 @@ def with_attention(cfg: DictConfig, name: str, keep_settings: bool) -> DictConfi
             out.attention = OmegaConf.create({"name": name, **kept})
         else:
             out.attention = OmegaConf.create({"name": name})
+        if name in available() and not capabilities(name).pool:
+            out.memory = OmegaConf.create({"kind": "none"})  # it has no buffers to take from a pool
     return out
 
 
