@@ -6,9 +6,9 @@ Vocabulary:
   ``(global_start, global_stop, local_start)`` triples, i.e. which global positions it
   holds and where they sit in the tensor that holds them;
 - a *block pair* (query block, key block) is the unit of work. Its pattern is a tuple of
-  ``BlockOp``s, one fused attention call each on strided views of the blocks (see
-  ``build_block_pattern``); a pair with no allowed entry is skipped. A call's ops over
-  all its pairs form a ``RingPlan``, the object the pattern cache stores.
+  ``BlockOp``s, one fused attention call each on strided views of the blocks
+  (``ring_ops.build_block_pattern``); a pair with no allowed entry is skipped. A call's
+  ops over all its pairs form a ``ring_ops.RingPlan``, the object the pattern cache stores.
 
 Emptiness is decided analytically (``ranges_meet``) for every pair of shards, so each rank
 knows, without building anything or talking to anyone, which K/V shards travel how far
