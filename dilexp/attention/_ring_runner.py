@@ -17,7 +17,7 @@ from dilexp.attention._kernels import cpu_flash_ok
 from dilexp.attention._ring_comm import TAG_DKV, TAG_FINAL, TAG_KV, Pending, RingComm
 from dilexp.attention._ring_kernel import _unk, acc_dtype, op_backward, op_forward
 from dilexp.patterns.ring_layout import Layout
-from dilexp.patterns.ring_ops import HeadRange
+from dilexp.patterns.ring_ops import HeadRange, causal_masks, masks_key
 
 if TYPE_CHECKING:
     from dilexp.attention.ring import RingDilatedAttention
@@ -37,14 +37,18 @@ class Runner:
             self.comm = RingComm(group, layout.rank, layout.world, attn.name, attn.timeout_s)
         self.plan = attn.ring_plan(layout, causal, device)
         self.fused = False  # decided per call from the input (``forward``)
+        self._masks: dict[int, torch.Tensor] | None = None
         # (step, op index) -> the final log-sum-exp of a q_only op, kept from forward to backward.
         self.own_lse: dict[tuple[int, int], torch.Tensor] = {}
 
     def _mask(self, size: int, device: torch.device) -> torch.Tensor:
-        """The portable path's causal mask (above the diagonal), built once per size through the cache."""
-        return self.attn.cache.get_or_build(
-            ("ring_causal_mask", size), lambda: torch.ones(size, size, dtype=torch.bool).triu(1), device
-        )
+        """The portable path's causal mask (above the diagonal): the masks of every size the
+        plan needs come in one cache lookup, on the first causal op of the call."""
+        if self._masks is None:
+            sizes = self.plan.causal_sizes
+            masks = self.attn.lookup(masks_key(sizes), lambda: causal_masks(sizes), device)
+            self._masks = dict(zip(sizes, masks, strict=True))
+        return self._masks[size]
 
     def _buffer(self, like: torch.Tensor, dtype: torch.dtype, zero: tuple[HeadRange, ...] | None) -> torch.Tensor:
         """An accumulator shaped like ``like``: zeros only in the heads whose rows are not all

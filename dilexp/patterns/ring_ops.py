@@ -9,6 +9,8 @@ from collections import Counter
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, replace
 
+import torch
+
 from dilexp.patterns.dilated import Branch, DilatedPattern
 from dilexp.patterns.ring_layout import Layout, UnitMap, first_selected, last_selected
 from dilexp.patterns.strided import Piece, heads_slice, pattern_key
@@ -168,6 +170,8 @@ class RingPlan:
     steps: tuple[tuple[BlockOp, ...], ...]
     q_zero: tuple[HeadRange, ...] | None
     k_zero: tuple[HeadRange, ...] | None
+    # Distinct sizes of the causal ops: the masks the portable kernel needs (``causal_masks``).
+    causal_sizes: tuple[int, ...] = ()
 
     def ops(self) -> list[BlockOp]:
         return [op for step in self.steps for op in step]
@@ -194,7 +198,7 @@ def build_ring_plan(branches: Sequence[Branch], layout: Layout, causal: bool) ->
     ]
     heads = [h for br in branches for h in br.heads]
     if len(heads) != len(set(heads)):
-        return RingPlan(tuple(tuple(s) for s in steps), None, None)
+        return RingPlan(tuple(tuple(s) for s in steps), None, None, _causal_sizes(steps))
     seen_q: set[tuple[HeadRange, Span]] = set()
     seen_k: set[tuple[int, HeadRange, Span]] = set()
     covered_q: Counter[HeadRange] = Counter()
@@ -217,7 +221,23 @@ def build_ring_plan(branches: Sequence[Branch], layout: Layout, causal: bool) ->
         tuple(tuple(s) for s in marked),
         tuple(h for h in ranges if covered_q[h] < n_local),
         tuple(h for h in ranges if covered_k[h] < n_local),
+        _causal_sizes(marked),
     )
+
+
+def _causal_sizes(steps: Sequence[Sequence[BlockOp]]) -> tuple[int, ...]:
+    return tuple(sorted({op.k.slots for step in steps for op in step if op.causal}))
+
+
+def causal_masks(sizes: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """One (size, size) bool mask of the entries above the diagonal per size: what the portable
+    kernel hides in a causal op (the fused one is told ``is_causal`` instead)."""
+    return tuple(torch.ones(n, n, dtype=torch.bool).triu(1) for n in sizes)
+
+
+def masks_key(sizes: Sequence[int]) -> tuple[Hashable, ...]:
+    """The cache key of ``causal_masks(sizes)``."""
+    return ("ring_causal_mask", tuple(sizes))
 
 
 def ring_key(pattern: DilatedPattern, num_heads: int, layout: Layout, chunks: int, placement: str,
