@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from dilexp.attention._kernels import cpu_flash_ok
+from dilexp.attention._kernels import fused_ok
 from dilexp.attention._ring_comm import TAG_DKV, TAG_FINAL, TAG_KV, Pending, RingComm
 from dilexp.attention._ring_kernel import _unk, acc_dtype, op_backward, op_forward
 from dilexp.patterns.ring_layout import Layout
@@ -108,7 +108,7 @@ class Runner:
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         lay = self.layout
         acc = acc_dtype(q.dtype)
-        self.fused = self.attn.use_fused and cpu_flash_ok(q)
+        self.fused = self.attn.use_fused and fused_ok(q)
         out = self._buffer(q, acc, self.plan.q_zero)
         # Rows no op writes keep -inf (the backward never reads them).
         lse = self.attn.pool.empty(q.shape[:3], acc, q.device).fill_(float("-inf"))
@@ -151,7 +151,7 @@ class Runner:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         lay = self.layout
         acc = lse.dtype
-        self.fused = self.attn.use_fused and cpu_flash_ok(q)
+        self.fused = self.attn.use_fused and fused_ok(q)
         dq = self._buffer(q, acc, self.plan.q_zero)
         if lay.world == 1:
             dk = self._buffer(k, acc, self.plan.k_zero)

@@ -15,7 +15,7 @@ from collections.abc import Hashable
 import torch
 import torch.nn.functional as F
 
-from dilexp.attention._kernels import explicit_attention, heads_index, lse_dtype, lse_floor
+from dilexp.attention._kernels import explicit_attention, heads_index, lse_dtype, lse_floor, masked_attention_lse
 from dilexp.attention.base import Capabilities, DilatedAttentionBase
 from dilexp.attention.registry import register
 from dilexp.memory.base import MemoryPool
@@ -64,6 +64,21 @@ class DilatedAttention(DilatedAttentionBase):
 
     # -- compute ----------------------------------------------------------------------------
 
+    def _attend_lse(
+        self, qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse) of one branch's (B, S, Hb, L, D) batch: a fused masked kernel that
+        returns the log-sum-exp where the device has one (CPU flash, CUDA memory-efficient),
+        explicit O(S*L^2) attention only where none takes the inputs (fp64 on CUDA)."""
+        bsz, segs = qs.shape[:2]
+        # (S, 1, L, L) -> (B*S, 1, L, L): the kernels take one leading batch dimension.
+        allowed = mask if bsz == 1 else mask.expand(bsz, *mask.shape).flatten(0, 1)
+        fused = masked_attention_lse(qs.flatten(0, 1), ks.flatten(0, 1), vs.flatten(0, 1), allowed, self.scale)
+        if fused is None:
+            return explicit_attention(qs, ks, vs, mask, causal=False, scale=self.scale)
+        o_b, lse_b = fused
+        return o_b.unflatten(0, (bsz, segs)), lse_b.unflatten(0, (bsz, segs))
+
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
     ) -> torch.Tensor:
@@ -83,7 +98,7 @@ class DilatedAttention(DilatedAttentionBase):
             num_seg, slots = g.idx.shape
             qs, ks, vs = (_gather(x, g, hsel, pool, scratch) for x in (q, k, v))
             if merge:
-                o_b, lse_b = explicit_attention(qs, ks, vs, g.mask, causal=False, scale=self.scale)
+                o_b, lse_b = self._attend_lse(qs, ks, vs, g.mask)
             else:
                 o_b = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask, scale=self.scale)
             while scratch:

@@ -36,9 +36,10 @@ and then raises ``RingCommError`` naming this rank and the peer it waited for.
 Compute. A block pair is a few fused attention calls on strided views of the shards
 (``patterns.ring_ops.BlockOp``: per branch, the selected positions of each segment the two
 blocks share), with no gather, padding or mask; K/V are never copied single-process.
-On CPU the calls go to the fused flash kernel, which returns the log-sum-exp and whose
-backward takes the final output and log-sum-exp; elsewhere a portable matmul path runs
-on the same views. The first op to write a span of rows copies into the accumulators,
+The calls go to the device's fused kernel (``_kernels.lse_kernel``: flash on CPU, flash
+or memory-efficient on CUDA), which returns the log-sum-exp and whose backward takes the
+final output and log-sum-exp; where none takes the inputs (fp64 on CUDA) a portable
+matmul path runs on the same views. The first op to write a span of rows copies into the accumulators,
 later ones merge (forward) or add (backward), and only heads with unwritten rows are
 zeroed (``patterns.ring_ops.RingPlan``).
 
@@ -82,8 +83,8 @@ GroupSetting = Any  # None | "world" | dist.ProcessGroup
 class RingDilatedAttention(DilatedAttentionBase):
     """Shared implementation of ``ring_v2`` and ``ring_v3`` (see the module docstring)."""
 
-    # "fused": torch's CPU flash kernel per op (CPU only; elsewhere the portable path runs
-    # anyway); "portable": explicit matmuls on the same views, the path of other devices.
+    # "fused": the device's LSE kernel per op (_kernels.lse_kernel; where none takes the
+    # inputs the portable path runs anyway); "portable": explicit matmuls on the same views.
     capabilities = Capabilities(
         pattern="dilated", head_layouts=("grouped", "all"), process_groups=True, lse=True,
         paths=("fused", "portable"), pool=True,
