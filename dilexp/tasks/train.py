@@ -297,4 +297,9 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
     for lg in loggers:
         if isinstance(lg, SafeWandbLogger) and trainer.is_global_zero:
             lg._guard("summary", lambda lg=lg: lg.experiment.summary.update({"cache_keys": keys, **metrics}))
-    return {"metrics": metrics, "cache_keys": keys}
+    # The mesh as it ran, and who started the ranks (Lightning's cluster environment: SLURM, ...).
+    cp = prepared.cp
+    mesh = {"dp": cp.dp if cp else trainer.world_size, "cp": cp.world if cp else 1, "world": trainer.world_size,
+            "shard_model": bool(cp and cp.shard_model), "nodes": trainer.num_nodes,
+            "cluster": type(trainer.strategy.cluster_environment).__name__}
+    return {"metrics": metrics, "cache_keys": keys, "mesh": mesh}
