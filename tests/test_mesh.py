@@ -91,6 +91,9 @@ def test_strided_sampler_splits_the_global_order() -> None:
     assert a == [0, 2, 4, 6, 8] and b == [1, 3, 5, 7, 9]
     assert sorted(list(Strided(7, 2, 0)) + list(Strided(7, 2, 1))) == list(range(6))
     assert len(Strided(7, 2, 1)) == 3
+    # Resumed at global sample 4: the replicas continue the same global order, then start over.
+    late = Strided(10, 2, 1, start=4)
+    assert len(late) == 3 and list(late) == [5, 7, 9] and list(late) == [1, 3, 5, 7, 9]
 
 
 @pytest.mark.parametrize(("overrides", "field", "says"), [

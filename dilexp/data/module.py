@@ -17,16 +17,20 @@ class Strided(Sampler[int]):
     """Replica ``rank`` of ``replicas`` reads samples rank, rank + replicas, ... (lazily: the
     training set is drawn on demand and may hold 10^8 samples, which torch's DistributedSampler
     would first list). Replica r's i-th sample is the single-process order's sample
-    i * replicas + r, so the replicas' batches of a step together are the next global batch."""
+    i * replicas + r, so the replicas' batches of a step together are the next global batch.
+    ``start``: the first pass begins at that sample of the global order (a resumed run's
+    position); later passes begin at 0."""
 
-    def __init__(self, size: int, replicas: int, rank: int) -> None:
-        self.size, self.replicas, self.rank = size, replicas, rank
+    def __init__(self, size: int, replicas: int, rank: int, start: int = 0) -> None:
+        self.size, self.replicas, self.rank, self.start = size, replicas, rank, start
 
     def __iter__(self) -> Iterator[int]:
-        return iter(range(self.rank, self.size - self.size % self.replicas, self.replicas))
+        start, self.start = self.start, 0
+        end = start + (self.size - start) // self.replicas * self.replicas
+        return iter(range(start + self.rank, end, self.replicas))
 
     def __len__(self) -> int:
-        return self.size // self.replicas
+        return (self.size - self.start) // self.replicas
 
 
 class DataModule(L.LightningDataModule):
