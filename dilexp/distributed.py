@@ -31,6 +31,7 @@ import datetime
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -158,7 +159,8 @@ def init_mesh(dp: int, cp: int, device_type: str, timeout_s: float | None = None
     world = dist.get_world_size()
     if dp * cp != world:
         raise ConfigError("hardware.cp_size", cp, f"a ({dp} x {cp}) mesh needs {dp * cp} ranks, the world has {world}")
-    mesh = init_device_mesh(device_type, (dp, cp), mesh_dim_names=("dp", "cp"))
+    mesh = init_device_mesh(device_type, (dp, cp), mesh_dim_names=("dp", "cp"),
+                            backend_override={"dp": _own_groups(), "cp": _own_groups()})
     group = mesh.get_group("cp")
     # As in init_context_parallel: NCCL makes communicators lazily, and the ring's first
     # batch_isend_irecv may not involve every member.
@@ -172,7 +174,24 @@ def hsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
     takes for hybrid sharding: parameters sharded over dp, their gradients also averaged over cp."""
     dp, cp = mesh.size(0), mesh.size(1)
     ranks = mesh.mesh.view(dp, cp).t().contiguous()
-    return DeviceMesh(mesh.device_type, ranks, mesh_dim_names=("cp_replicate", "dp_shard"))
+    return DeviceMesh(mesh.device_type, ranks, mesh_dim_names=("cp_replicate", "dp_shard"),
+                      backend_override=(_own_groups(), _own_groups()))
+
+
+def _own_groups() -> tuple[str, Any]:
+    """A mesh dimension's backend and options: always its own communicators (torch's mesh would
+    reuse the default group for a dimension that spans the world, and DDP's asynchronous
+    all-reduce runs there during the ring's transfers), with this job's timeout."""
+    backend = dist.get_backend()
+    timeout = datetime.timedelta(seconds=_timeout_s)
+    options: Any = None
+    if backend == "gloo":
+        options = dist.ProcessGroupGloo._Options()
+    elif backend == "nccl" and hasattr(dist, "ProcessGroupNCCL"):
+        options = dist.ProcessGroupNCCL.Options()
+    if options is not None:
+        options._timeout = timeout
+    return backend, options
 
 
 def set_context_parallel_group(group: dist.ProcessGroup | None, enabled: bool = True) -> None:
