@@ -7,7 +7,8 @@ Three things live here, all plain torch (nothing of Lightning or Hydra):
 - the *context-parallel group*: the group across which ``ring_v2``/``ring_v3`` shard the
   sequence. It is registered explicitly (``init_context_parallel``) and is never guessed
   from the default group: under plain data parallelism every rank holds whole sequences,
-  and a ring over those ranks would silently mix different samples;
+  and a ring over those ranks would silently mix different samples. Under a (dp, cp) device
+  mesh (``init_mesh``, torch's DeviceMesh) it is the mesh's cp dimension;
 - the shard layout of a length-N sequence over P parts, and sharding / unsharding of a
   (B, N, ...) tensor by it.
 

@@ -301,5 +301,5 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
     cp = prepared.cp
     mesh = {"dp": cp.dp if cp else trainer.world_size, "cp": cp.world if cp else 1, "world": trainer.world_size,
             "shard_model": bool(cp and cp.shard_model), "nodes": trainer.num_nodes,
-            "cluster": type(trainer.strategy.cluster_environment).__name__}
+            "cluster": type(getattr(trainer.strategy, "cluster_environment", None)).__name__}
     return {"metrics": metrics, "cache_keys": keys, "mesh": mesh}
