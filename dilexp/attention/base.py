@@ -1,8 +1,10 @@
-"""What every attention variant is: a module ``attn(q, k, v, causal=bool)`` on (B, N, H, D) tensors."""
+"""What every attention variant is: a module ``attn(q, k, v, causal=bool, docs=layout)`` on (B, N, H, D) tensors."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import inspect
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,6 +14,7 @@ from torch import nn
 from dilexp.cache.base import PatternCache
 from dilexp.errors import ConfigError
 from dilexp.memory.base import MemoryPool, NoPool
+from dilexp.patterns.documents import DocumentLayout, as_layout
 
 PATTERN_KINDS = ("full", "dilated", "block_sparse")
 
@@ -32,6 +35,10 @@ class Capabilities:
     - ``process_groups``: shards the sequence over a torch.distributed group (hardware=cp).
       A variant without it refuses to run while a context-parallel group is registered.
     - ``lse``: ``forward_lse`` returns the log-sum-exp of each query row.
+    - ``documents``: ``forward(..., docs=layout)`` computes each packed document as its own
+      sequence (patterns/documents.py). Every variant has it through the base class's
+      generic exact path (``Attention.forward_documents``); a variant overrides that with a
+      fast path, or declares False and is refused a layout.
     - ``paths``: its implementations of the same function (e.g. a fused CPU kernel and a
       portable one), selected with ``use_path``; ``slow_paths`` those too slow for the
       quick tests (compilation), checked on one fixed shape instead.
@@ -43,6 +50,7 @@ class Capabilities:
     no_backward_on: tuple[str, ...] = ()
     process_groups: bool = False
     lse: bool = False
+    documents: bool = True
     paths: tuple[str, ...] = ("default",)
     slow_paths: tuple[str, ...] = ()
     settings: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
@@ -59,6 +67,12 @@ class Attention(nn.Module):
     of how often each key is selected for each query (0 = masked), before the causal mask.
     It is the oracle for tests and the FLOP counter for benchmarks; it is never used on
     the hot path.
+
+    Packed documents: every subclass's ``forward`` also takes ``docs=`` (a
+    ``DocumentLayout``). A subclass whose own ``forward`` has no ``docs`` parameter gets it
+    added here (``__init_subclass__``): a non-trivial layout goes to ``forward_documents``,
+    None or one document per row goes to the subclass's forward unchanged. A subclass that
+    declares ``docs`` itself handles it (and may still call ``forward_documents``).
     """
 
     name: str = "base"
@@ -87,8 +101,34 @@ class Attention(nn.Module):
         self.cache = cache
         self.pool = pool if pool is not None else NoPool()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("forward")
+        if own is not None and "docs" not in inspect.signature(own).parameters:
+            cls.forward = _with_documents(own)  # type: ignore[method-assign]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                docs: DocumentLayout | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward_documents(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, docs: DocumentLayout
+    ) -> torch.Tensor:
+        """The generic exact path: each document of each row through the variant on its own.
+
+        Exact by construction (the document *is* a sequence of its length) but one call per
+        document, so variants with a per-layout plan override it. Rows that share a layout go
+        through together, one call per document.
+        """
+        self._check_layout(q, docs)
+        if docs.same_for_all_rows:
+            return torch.cat([self.forward(q[:, a:b], k[:, a:b], v[:, a:b], causal=causal)
+                              for a, b in docs.spans(0)], dim=1)
+        rows = []
+        for r in range(q.shape[0]):
+            rows.append(torch.cat([self.forward(q[r:r + 1, a:b], k[r:r + 1, a:b], v[r:r + 1, a:b], causal=causal)
+                                   for a, b in docs.spans(r)], dim=1))
+        return torch.cat(rows, dim=0)
 
     def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
         """Build, through the cache, every pattern a length-``n`` call on ``device`` needs.
@@ -150,6 +190,15 @@ class Attention(nn.Module):
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, cache={self.cache.name}"
 
+    def _check_layout(self, q: torch.Tensor, docs: DocumentLayout) -> None:
+        """A layout must describe this batch; slicing a context-parallel shard per document
+        would attend within the shard only, so the generic path refuses one."""
+        if not self.capabilities.documents:
+            raise NotImplementedError(f"{self.name} does not take packed documents (capabilities.documents is False)")
+        if docs.n != q.shape[1] or docs.batch != q.shape[0]:
+            raise ValueError(f"{self.name}: layout is for B={docs.batch}, N={docs.n}, got q of shape {tuple(q.shape)}")
+        _refuse_under_context_parallel(f"{self.name} (generic document path)")
+
     def _check_input(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if not self.capabilities.process_groups:
             _refuse_under_context_parallel(self.name)
@@ -159,6 +208,21 @@ class Attention(nn.Module):
         if q.shape[2] != self.num_heads or q.shape[3] != self.head_dim:
             raise ValueError(f"{self.name}: built for H={self.num_heads}, D={self.head_dim}, "
                              f"got H={q.shape[2]}, D={q.shape[3]}")
+
+
+def _with_documents(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``forward`` with the ``docs=`` keyword: a real layout goes to ``forward_documents``."""
+
+    @functools.wraps(forward)
+    def wrapped(self: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                docs: DocumentLayout | None = None) -> torch.Tensor:
+        layout = as_layout(docs)
+        if layout is None:
+            return forward(self, q, k, v, causal=causal)
+        return self.forward_documents(q, k, v, causal, layout)
+
+    wrapped.__signature__ = inspect.signature(wrapped, follow_wrapped=False)  # type: ignore[attr-defined]
+    return wrapped
 
 
 def _refuse_under_context_parallel(name: str) -> None:

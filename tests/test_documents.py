@@ -1,0 +1,71 @@
+"""Packed documents (issue 18): the layout object, the document-masked reference, the generic
+exact path every variant has, and the ``docs=`` keyword."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dilexp.attention import build
+from dilexp.attention.reference import dense_reference, document_multiplicity
+from dilexp.patterns.documents import DocumentLayout, as_layout
+
+
+def test_layout_from_doc_ids_round_trips() -> None:
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 0, 0, 0, 0, 0]])
+    lay = DocumentLayout.from_doc_ids(ids)
+    assert lay.n == 6 and lay.rows == ((0, 2, 5), (0,))
+    assert lay.spans(0) == [(0, 2), (2, 5), (5, 6)] and lay.spans(1) == [(0, 6)]
+    assert torch.equal(lay.doc_ids(), ids)
+    assert lay.positions().tolist() == [[0, 1, 0, 1, 2, 0], [0, 1, 2, 3, 4, 5]]
+    assert not lay.same_for_all_rows and not lay.trivial
+    assert DocumentLayout.from_cu_seqlens(lay.cu_seqlens(), 6) == lay
+    assert DocumentLayout.from_cu_seqlens([0, 2, 5, 6, 12], 6) == lay
+    # equal layouts share a cache key; ids need only change at boundaries
+    assert DocumentLayout.from_doc_ids(ids + 7).key == lay.key and hash(lay) == hash(DocumentLayout(6, lay.rows))
+    assert as_layout(DocumentLayout.single(3, 6)) is None and as_layout(lay) is lay
+
+
+@pytest.mark.parametrize("rows", [((0, 8),), ((0, 0),), ((1,),), ((0, 5, 3),), ()])
+def test_layout_rejects_bad_starts(rows: tuple) -> None:
+    with pytest.raises(ValueError):
+        DocumentLayout(8, rows)
+
+
+def test_layout_rejects_document_across_rows() -> None:
+    with pytest.raises(ValueError, match="row boundary"):
+        DocumentLayout.from_cu_seqlens([0, 5, 8], 4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_generic_path_equals_document_masked_reference(causal: bool) -> None:
+    """The base class's per-document path on a variant with no fast path of its own, against
+    the block-diagonal reference built from the variant's own multiplicity per length."""
+    torch.manual_seed(0)
+    attn = build("dilated", num_heads=2, head_dim=4, segment_lengths=[2, 4], dilation_rates=[1, 2])
+    lay = DocumentLayout(10, ((0, 1, 4), (0, 7)))
+    q, k, v = (torch.randn(2, 10, 2, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = attn(q, k, v, causal=causal, docs=lay)
+    ref = dense_reference(q, k, v, document_multiplicity(attn, lay), causal=causal)
+    assert (out - ref).abs().max().item() < 1e-10
+    # and it is not the reference without documents
+    plain = dense_reference(q, k, v, attn.dense_multiplicity(10), causal=causal)
+    assert (plain - ref).abs().max().item() > 1e-3
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    assert max((a - b).abs().max().item() for a, b in zip(got, want, strict=True)) < 1e-10
+
+
+def test_trivial_layout_is_no_layout() -> None:
+    torch.manual_seed(1)
+    attn = build("sdpa", num_heads=2, head_dim=4)
+    q, k, v = (torch.randn(3, 7, 2, 4) for _ in range(3))
+    assert torch.equal(attn(q, k, v, causal=True, docs=DocumentLayout.single(3, 7)), attn(q, k, v, causal=True))
+
+
+def test_layout_must_match_the_batch() -> None:
+    attn = build("sdpa", num_heads=1, head_dim=4)
+    q = torch.randn(1, 7, 1, 4)
+    with pytest.raises(ValueError, match="layout is for"):
+        attn(q, q, q, docs=DocumentLayout(8, ((0, 3),)))
