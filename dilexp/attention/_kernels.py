@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from dilexp.errors import ConfigError
 from dilexp.patterns.dilated import DilatedPattern
+from dilexp.patterns.strided import heads_index as heads_index  # re-exported: the variants' import
 
 
 def check_dims(num_heads: object, head_dim: object) -> None:
@@ -37,21 +38,6 @@ def build_pattern(
     pattern = DilatedPattern.from_config(segment_lengths, dilation_rates, offsets, heads)
     pattern.check_heads(num_heads)
     return pattern
-
-
-def heads_index(heads: Sequence[int]) -> slice | list[int]:
-    """A slice when the heads form an arithmetic progression, so selecting them is a view.
-
-    Every layout of the dilated pattern gives such heads (a contiguous group, or the heads
-    of a group / of all heads with one offset, i.e. step r); the list is a safety net.
-    """
-    hs = list(heads)
-    if len(hs) == 1:
-        return slice(hs[0], hs[0] + 1)
-    step = hs[1] - hs[0]
-    if step > 0 and all(b - a == step for a, b in zip(hs, hs[1:], strict=False)):
-        return slice(hs[0], hs[-1] + 1, step)
-    return hs
 
 
 def lse_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 
 from dilexp.attention._kernels import LSEKernel, kernel_input, lse_kernel
-from dilexp.attention._ring_plan import BlockOp, Span
+from dilexp.patterns.ring_ops import BlockOp, Span
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -28,9 +28,6 @@ attention.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,76 +35,16 @@ import torch.nn.functional as F
 
 from dilexp.attention._kernels import (
     LSEKernel,
-    build_pattern,
-    check_dims,
     explicit_attention,
-    heads_index,
     kernel_input,
     lse_dtype,
     lse_floor,
     lse_kernel,
 )
-from dilexp.attention.base import Attention, Capabilities
+from dilexp.attention.base import Capabilities, DilatedAttentionBase
 from dilexp.attention.registry import register
-from dilexp.cache.base import PatternCache
 from dilexp.memory.base import MemoryPool
-from dilexp.patterns.dilated import DilatedPattern
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Positions base + s*seg_len + offset + j*rate (s < num_seg, j < slots): one strided view."""
-
-    base: int
-    num_seg: int
-    seg_len: int
-    offset: int
-    rate: int
-    slots: int
-
-    def view(self, x: torch.Tensor, heads: slice) -> torch.Tensor:
-        """(B, N, H, ...) -> (B, num_seg, slots, Hb, ...) view of the selected positions."""
-        span = x[:, self.base : self.base + self.num_seg * self.seg_len]
-        stop = self.offset + (self.slots - 1) * self.rate + 1
-        return span.unflatten(1, (self.num_seg, self.seg_len))[:, :, self.offset : stop : self.rate, heads]
-
-
-@dataclass(frozen=True)
-class BranchPlan:
-    """One branch: its heads, the pieces it computes, and the views it leaves unselected."""
-
-    heads: slice
-    rate: int
-    pieces: tuple[Piece, ...]
-    blanks: tuple[Piece, ...]
-
-
-# Past this many strided fills, one fill over the branch's heads is cheaper than skipping
-# the selected positions.
-_MAX_BLANK_VIEWS = 8
-
-
-def plan_branches(pattern: DilatedPattern, n: int, num_heads: int) -> tuple[BranchPlan, ...]:
-    """Split every branch into its (at most two) strided pieces for a length-``n`` sequence."""
-    plans = []
-    for b in pattern.branches(num_heads):
-        w, r, o = b.segment_length, b.dilation_rate, b.offset
-        heads = heads_index(b.heads)
-        if not isinstance(heads, slice):  # the pattern's layouts always give a progression
-            raise RuntimeError(f"improved: heads {b.heads} of a branch are not a strided range")
-        full = n // w
-        tail = n - full * w
-        # (base, segments, segment length) of the full segments and of the ragged tail.
-        regions = [reg for reg in ((0, full, w), (full * w, 1, tail)) if reg[1] and reg[2]]
-        pieces, blanks = [], []
-        for base, segs, length in regions:
-            for off in range(min(r, length)):
-                piece = Piece(base, segs, length, off, r, -(-(length - off) // r))
-                (pieces if off == o else blanks).append(piece)
-        if len(blanks) > _MAX_BLANK_VIEWS:
-            blanks = [Piece(0, 1, n, 0, 1, n)]
-        plans.append(BranchPlan(heads, r, tuple(pieces), tuple(blanks)))
-    return tuple(plans)
+from dilexp.patterns.strided import BranchPlan, plan_branches, strided_key
 
 
 def _to_kernel(x: torch.Tensor) -> torch.Tensor:
@@ -220,32 +157,16 @@ def _zero_uncovered(x: torch.Tensor, plans: tuple[BranchPlan, ...], merge: bool)
 
 
 @register("improved")
-class ImprovedDilatedAttention(Attention):
+class ImprovedDilatedAttention(DilatedAttentionBase):
     """Dilated attention by strided views and one fused SDPA call per branch (plus a ragged tail)."""
 
     # "fused": the device's LSE kernel in one autograd node (where none takes the inputs the
     # portable path runs anyway); "portable": the SDPA/explicit path through autograd.
-    capabilities = Capabilities(pattern="dilated", head_layouts=("grouped", "all"), paths=("fused", "portable"))
-
-    def __init__(
-        self,
-        num_heads: int,
-        head_dim: int,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
-        offsets: str = "head",
-        heads: str = "grouped",
-        cache: PatternCache | None = None,
-        pool: MemoryPool | None = None,
-    ) -> None:
-        check_dims(num_heads, head_dim)
-        pattern = build_pattern(num_heads, segment_lengths, dilation_rates, offsets, heads)
-        super().__init__(num_heads, head_dim, cache=cache, pool=pool)
-        self.pattern = pattern
-        self.scale = 1.0 / math.sqrt(head_dim)
-        # False forces the portable (autograd) path where a fused kernel exists: tests cover both.
-        # (The name predates the CUDA kernels; it now selects the fused path on every device.)
-        self.use_cpu_flash = True
+    capabilities = Capabilities(pattern="dilated", head_layouts=("grouped", "all"), paths=("fused", "portable"),
+                                pool=True)
+    # False forces the portable (autograd) path where a fused kernel exists: tests cover both.
+    # (The name predates the CUDA kernels; it now selects the fused path on every device.)
+    use_cpu_flash = True
 
     def use_path(self, path: str) -> None:
         super().use_path(path)
@@ -254,9 +175,8 @@ class ImprovedDilatedAttention(Attention):
     def _plans(self, n: int, device: torch.device | str) -> tuple[BranchPlan, ...]:
         # The "pattern" here is a handful of slice bounds; going through the cache keeps
         # hit/miss statistics comparable with the index-based variants.
-        p = self.pattern
-        key = ("improved_plan", n, self.num_heads, p.segment_lengths, p.dilation_rates, p.offsets, p.heads)
-        return self.cache.get_or_build(key, lambda: plan_branches(p, n, self.num_heads), device)
+        p, h = self.pattern, self.num_heads
+        return self.lookup(strided_key(p, n, h), lambda: plan_branches(p, n, h), device)
 
     def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
         self._plans(n, device)  # one plan serves both masks
