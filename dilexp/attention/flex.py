@@ -69,10 +69,10 @@ class FlexDilatedAttention(DilatedAttentionBase):
     # "compiled" is what runs; "eager" is torch's uncompiled flex_attention on the same plan
     # (same BlockMask, permutation and merge), which lets the conformance suite draw many
     # shapes without a ~20 s compile each. Compiled flex is checked on fixed shapes.
-    # No pool: its buffers are the kernel's own outputs and autograd's index gathers.
+    # Pool: the compact-order gathers of q, k, v, when no autograd graph is recorded.
     capabilities = Capabilities(
         pattern="dilated", head_layouts=("grouped", "all"), no_backward_on=("cpu",),
-        paths=("compiled", "eager"), slow_paths=("compiled",), settings={"block_size": (16, 32)},
+        paths=("compiled", "eager"), slow_paths=("compiled",), settings={"block_size": (16, 32)}, pool=True,
     )
 
     def __init__(
@@ -146,13 +146,16 @@ class FlexDilatedAttention(DilatedAttentionBase):
             return out[:, :, :n].transpose(1, 2)
 
         # Compact order: slot s of virtual head j holds token perm[j, s] of head heads[j].
-        idx = (slice(None), plan.heads[:, None], plan.perm)
-        qv, kv, vv = qt[idx], kt[idx], vt[idx]
+        tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        scratch: list[torch.Tensor] | None = None if tracked else []
+        qv, kv, vv = (self._compact(t, plan, scratch) for t in (q, k, v))
         if plan.kind == "lse":
             o, aux = kernel(qv, kv, vv, block_mask=plan.block_mask, scale=scale, return_aux=AuxRequest(lse=True))
             lse = aux.lse
         else:
             o = kernel(qv, kv, vv, block_mask=plan.block_mask, scale=scale)
+        for buf in scratch or ():
+            self.pool.release(buf)  # the kernel is done with them, and no graph saved them
         nv = plan.inv.shape[0]
         back = plan.inv[None, :, :, None].expand(b, nv, n, d)
         # Tokens a virtual head does not select read some slot; `sel` zeroes them exactly.
@@ -214,6 +217,22 @@ class FlexDilatedAttention(DilatedAttentionBase):
         lse = torch.where(plan.sel, lse.float().gather(2, back[..., 0]), floor)
         weights = torch.softmax(lse.view(b, m, h, n), dim=1).to(o.dtype)
         return (weights.unsqueeze(-1) * o.view(b, m, h, n, d)).sum(dim=1).transpose(1, 2)
+
+    def _compact(self, x: torch.Tensor, plan: FlexPlan, scratch: list[torch.Tensor] | None) -> torch.Tensor:
+        """(B, N, H, D) -> (B, V, Np, D): each virtual head's tokens in compact order.
+
+        Without autograd (``scratch`` given) and on a contiguous input this is one
+        ``index_select`` into a buffer from the pool; otherwise autograd's indexing owns it.
+        """
+        if scratch is None or not x.is_contiguous():
+            return x.transpose(1, 2)[(slice(None), plan.heads[:, None], plan.perm)]
+        b, n, h, d = x.shape
+        nv, npad = plan.perm.shape
+        flat = (plan.perm * h + plan.heads[:, None]).reshape(-1)  # token-major index of (token, head)
+        buf = self.pool.empty((b, nv * npad, d), x.dtype, x.device)
+        torch.index_select(x.view(b, n * h, d), 1, flat, out=buf)
+        scratch.append(buf)
+        return buf.view(b, nv, npad, d)
 
     def extra_repr(self) -> str:
         p = self.pattern
