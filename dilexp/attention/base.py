@@ -211,9 +211,9 @@ class Attention(nn.Module):
         would attend within the shard only, so the generic path refuses one."""
         if not self.capabilities.documents:
             raise NotImplementedError(f"{self.name} does not take packed documents (capabilities.documents is False)")
+        _refuse_under_context_parallel(f"{self.name} (generic document path)")
         if docs.n != q.shape[1] or docs.batch != q.shape[0]:
             raise ValueError(f"{self.name}: layout is for B={docs.batch}, N={docs.n}, got q of shape {tuple(q.shape)}")
-        _refuse_under_context_parallel(f"{self.name} (generic document path)")
 
     def _check_input(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if not self.capabilities.process_groups:

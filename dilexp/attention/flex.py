@@ -182,6 +182,7 @@ class FlexDilatedAttention(DilatedAttentionBase):
     ) -> torch.Tensor:
         """Packed documents in one flex call: the forward above with per-row tables, the
         document mask folded into the segment ids (segments are numbered across documents)."""
+        self._check_input(q, k, v)
         self._check_layout(q, docs)
         if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             raise NotImplementedError(no_cpu_backward_message())

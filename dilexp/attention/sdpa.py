@@ -37,6 +37,7 @@ class SDPAttention(Attention):
         otherwise) and its own output is dropped. Unlike one (N, N) block-diagonal mask, the
         work is per document (at most 4x its pairs) and no N x N tensor is held.
         """
+        self._check_input(q, k, v)
         self._check_layout(q, docs)
         b, n, h, d = q.shape
         buckets, inverse = self.lookup(("doc_buckets", docs.key), lambda: bucket_plan(docs), q.device)
