@@ -30,12 +30,12 @@ class SDPAttention(Attention):
     def forward_documents(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, docs: DocumentLayout
     ) -> torch.Tensor:
-        """Block-diagonal (causal) attention: documents padded to power-of-two buckets and run
-        as batches, one fused call per bucket (``bucket_plan``, cached under the layout's key).
+        """Block-diagonal (causal) attention: documents padded to size buckets and run as
+        batches, one fused call per bucket (``bucket_plan``, cached under the layout's key).
 
         Exact: a padded slot is never a key of a real query (after it when causal, masked
         otherwise) and its own output is dropped. Unlike one (N, N) block-diagonal mask, the
-        work is per document (at most 4x its pairs) and no N x N tensor is held.
+        work is per document (about a quarter over its pairs at most) and no N x N tensor is held.
         """
         self._check_input(q, k, v)
         self._check_layout(q, docs)

@@ -168,14 +168,22 @@ def group_plan(layout: DocumentLayout) -> GroupPlan:
     return tuple(groups), torch.argsort(torch.cat(order))
 
 
+def bucket_size(length: int, min_size: int = 16) -> int:
+    """``length`` rounded up to a multiple of an eighth of its power of two (at least
+    ``min_size``): at most 8 bucket sizes per octave, at most ~27% more pairs than the
+    document's own."""
+    step = max(min_size, 1 << max(0, (length - 1).bit_length() - 3))
+    return -(-length // step) * step
+
+
 def bucket_plan(layout: DocumentLayout, min_size: int = 16) -> BucketPlan:
-    """Documents padded to power-of-two buckets (at least ``min_size``, at most ``n``): one
-    batched kernel call per bucket with at most 4x a document's own pairs. Padding slots
-    repeat the document's first token (``valid`` False); the caller masks them as keys."""
+    """Documents padded to buckets (``bucket_size``, at most ``n``): one batched kernel call
+    per bucket. Padding slots repeat the document's first token (``valid`` False); the
+    caller masks them as keys."""
     by_size: dict[int, list[tuple[int, int]]] = {}
     for r in range(layout.batch):
         for a, b in layout.spans(r):
-            size = min(layout.n, max(min_size, 1 << (b - a - 1).bit_length()))
+            size = min(layout.n, bucket_size(b - a, min_size))
             by_size.setdefault(size, []).append((r * layout.n + a, b - a))
     buckets, order = [], []
     for size in sorted(by_size):
