@@ -203,10 +203,23 @@ class Prepared:
         self.model, self.parts = build_model(cfg, self.data.vocab_size)
         self.seq_len = int(cfg.data.seq_len)
         self.cp = ContextParallel.from_config(cfg, self.seq_len)
+        if self.cp is not None and str(cfg.data.name) == "docs":
+            check_documents_under_cp(self.model)
         if self.cp is None:
             # Under cp the patterns depend on the shard layout: they are built once the group exists.
             # The model's attention is always causal: the other mask's patterns would only be held.
             pregenerate_patterns(self.model.attention_modules(), self.seq_len, self.device, causal=True)
+
+
+def check_documents_under_cp(model: GPT) -> None:
+    """Documents over a sharded sequence need a variant with its own document path: the base
+    class's generic path slices documents, which a shard does not hold whole."""
+    from dilexp.attention.base import Attention
+
+    for attn in model.attention_modules():
+        if type(attn).forward_documents is Attention.forward_documents:
+            raise ConfigError("data.name", "docs", f"attention={attn.name} has no document path over a "
+                              "context-parallel group; use hardware without cp")
 
 
 def strategy(hw: DictConfig) -> Any:
