@@ -43,17 +43,27 @@ class DataModule(L.LightningDataModule):
         # context-parallel ranks of one replica read the same batches.
         self.replica: Callable[[], tuple[int, int]] | None = None
 
-    def _loader(self, data: Any, drop_last: bool) -> DataLoader:
+    def _loader(self, data: Any, drop_last: bool, start: int = 0) -> DataLoader:
         sampler = None
         if self.replica is not None:
             replicas, rank = self.replica()
-            if replicas > 1:
-                sampler = Strided(len(data), replicas, rank)
+            if replicas > 1 or start:
+                sampler = Strided(len(data), replicas, rank, start)
         return DataLoader(data, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                           drop_last=drop_last, sampler=sampler)
 
+    def _replica_start(self) -> int:
+        """hardware=cp resumed from a checkpoint: where in the global order the next step begins
+        (every step takes batch_size x accumulation x replicas sequences)."""
+        trainer = self.trainer
+        if self.replica is None or trainer is None or trainer.global_step <= 0:
+            return 0
+        per_step = self.batch_size * int(trainer.accumulate_grad_batches) * self.replica()[0]
+        per_epoch = len(self.train_set) // per_step  # type: ignore[arg-type]
+        return (trainer.global_step % per_epoch) * per_step if per_epoch else 0
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, drop_last=True)
+        return self._loader(self.train_set, drop_last=True, start=self._replica_start())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, drop_last=False)
