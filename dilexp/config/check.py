@@ -236,6 +236,8 @@ def _option_schema(cfg: DictConfig, group: str) -> type | None:
     if not isinstance(node, DictConfig):
         raise ConfigError(group, node, "expected a mapping (a config group)")
     name = node.get(selector)
+    if not isinstance(name, str):
+        raise ConfigError(f"{group}.{selector}", name, "expected the name of an option (a string)")
     if name in options:
         return options[name]
     if group == "attention":

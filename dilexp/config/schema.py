@@ -191,7 +191,7 @@ class Hardware:
     devices: int | str | list[int] = opt(ge=1, choices=("auto",))
     num_nodes: int = opt(ge=1)
     strategy: str = opt()
-    precision: Any = opt(choices=PRECISIONS)
+    precision: int | str = opt(choices=PRECISIONS)
     context_parallel: bool = opt()
     timeout_s: float = opt(gt=0)
     threads: int | None = opt(ge=1)
