@@ -6,12 +6,14 @@ ends it. ``task.preflight=false`` skips it. The estimate, per process, in bytes:
 
     parameters  P = V*d + L*(4 + 2*m)*d^2        (tied embedding, qkv+proj, MLP; norms ignored)
     train state 16 * P                           (fp32 weights, grads, Adam's two moments)
-    activations L * B * N * (10 + 2*m) * d * 4   (what autograd keeps per layer for backward)
+    activations L * B * N * (16 + 2*m) * d * 4   (what autograd keeps per layer for backward: norms,
+                                                  q/k/v and the variant's copies of them, outputs, MLP)
               + 3 * B * N * V * 4                (logits, their softmax and gradient)
     attention   per layer, the score matrices the variant materialises (4 bytes each; twice:
                 the scores and their softmax/gradient), B * H * ... :
-                  sdpa          N^2 on the CPU (the math path keeps the full matrix per layer);
-                                on a GPU the fused kernels keep O(N), counted as 0
+                  sdpa          N^2 per layer on the math path (float64: no fused kernel keeps the
+                                full matrix for backward); the fused kernels torch picks on CPU
+                                and GPU for 32/16-bit keep O(N) (counted in activations), so 0
                   dilated, improved, flex: sum over branches of h_b * N * s / r^2, s = min(w, N)
                                 (N/s segments, each (s/r)^2 scores; h_b heads per branch)
                   ring_v2/v3    the same for one layer only, divided by `chunks` (the backward
@@ -73,7 +75,14 @@ def _seg_scores(att: DictConfig, n: int, heads: int) -> float:
     return total
 
 
-def attention_scores(att: DictConfig, n: int, heads: int, layers: int, on_gpu: bool) -> float:
+def math_path(cfg: DictConfig) -> bool:
+    """True when SDPA falls back to its math path (materialised scores): float64 has no fused kernel.
+    (Measured, torch 2.x on CPU: fp32 causal SDPA fwd+bwd at N=8192, 4 heads peaks at 0.27 GiB RSS,
+    not the 1 GiB its score matrix alone would take.)"""
+    return str(cfg.hardware.get("precision", "32-true")) in ("64", "64-true")
+
+
+def attention_scores(att: DictConfig, n: int, heads: int, layers: int, dense: bool) -> float:
     """Bytes of attention score buffers of the variant for one sequence of length ``n``."""
     name = str(att.get("name", "sdpa"))
     if name in ("dilated", "improved", "flex"):
@@ -87,8 +96,8 @@ def attention_scores(att: DictConfig, n: int, heads: int, layers: int, on_gpu: b
         k = min(nb, 2 * int(att.get("local_blocks", 1)) + 1 + int(att.get("global_blocks", 1))
                 + (nb // dil if dil else 0))
         return 2 * F32 * layers * heads * nb * k * b * b
-    # sdpa (and variants this module does not know): the dense matrix unless a fused GPU kernel.
-    return 0.0 if on_gpu else 2 * F32 * layers * heads * float(n) * n
+    # sdpa (and variants this module does not know): the dense matrix only on the math path.
+    return 2 * F32 * layers * heads * float(n) * n if dense else 0.0
 
 
 def _ranks_here(hw: DictConfig) -> int:
@@ -104,7 +113,7 @@ def estimate(cfg: DictConfig) -> Estimate:
     """The job's estimated peak memory per process (see the module docstring for the formula)."""
     task = str(cfg.task.get("name", "train"))
     hw = cfg.hardware
-    on_gpu = str(hw.get("accelerator", "cpu")) in ("gpu", "cuda")
+    dense = math_path(cfg)
     model, data, att = cfg.get("model"), cfg.get("data"), cfg.attention
     L, H, d = int(model.n_layer), int(model.n_head), int(model.d_model)
     m = int(model.get("mlp_ratio", 4))
@@ -120,9 +129,10 @@ def estimate(cfg: DictConfig) -> Estimate:
             B, Hb, hd = int(bench.get("batch", 1)), int(bench.get("heads", 8)), int(bench.get("head_dim", 64))
             # q, k, v, out and their gradients, for the variant and its comparison builds.
             est.parts["tensors"] = 8 * B * n * Hb * hd * F32 * 2
-            scores = attention_scores(att, n, Hb, 1, on_gpu)
+            dense = dense or str(bench.get("dtype", "float32")) == "float64"
+            scores = attention_scores(att, n, Hb, 1, dense)
             if bench.get("baseline_sdpa", True):
-                scores = max(scores, attention_scores(DictConfig({"name": "sdpa"}), n, Hb, 1, on_gpu))
+                scores = max(scores, attention_scores(DictConfig({"name": "sdpa"}), n, Hb, 1, dense))
             est.parts["attention"] = B * scores
             return est
         if str(bench.get("target")) != "model":
@@ -139,7 +149,7 @@ def estimate(cfg: DictConfig) -> Estimate:
         bc = int(cfg.task.get("batch_size", 2))
         est.parts["tensors"] = 16 * bc * n * H * hd * 8
         est.parts["dense reference"] = 3 * bc * H * float(n) * n * 8
-        est.parts["attention"] = bc * attention_scores(att, n, H, 1, on_gpu)
+        est.parts["attention"] = bc * attention_scores(att, n, H, 1, dense)
         return est
     if task == "eval":
         passkey = cfg.task.get("passkey") or {}
@@ -147,12 +157,12 @@ def estimate(cfg: DictConfig) -> Estimate:
         lengths = [int(x) for x in (passkey.get("lengths") or [])] or [int(n * f) for f in factors]
         n = max([n, *lengths])
         est.parts["parameters"] = params * F32
-        est.parts["activations"] = B * n * ((10 + 2 * m) * d + 3 * V) * F32
-        est.parts["attention"] = B * attention_scores(att, n, H, 1, on_gpu)
+        est.parts["activations"] = B * n * ((16 + 2 * m) * d + 3 * V) * F32
+        est.parts["attention"] = B * attention_scores(att, n, H, 1, dense)
         return est
     est.parts["parameters + optimizer"] = 16 * params
-    est.parts["activations"] = B * n * (L * (10 + 2 * m) * d + 3 * V) * F32
-    est.parts["attention"] = B * attention_scores(att, n, H, L, on_gpu)
+    est.parts["activations"] = B * n * (L * (16 + 2 * m) * d + 3 * V) * F32
+    est.parts["attention"] = B * attention_scores(att, n, H, L, dense)
     if est.parts["parameters + optimizer"] > est.parts["activations"] + est.parts["attention"]:
         est.field, est.value = "model.d_model", d
     return est

@@ -15,14 +15,16 @@ GIB = 1 << 30
 
 
 def test_the_estimate_follows_its_stated_formula(compose_cfg) -> None:
-    # Counted by hand from the docstring's formula for the tiny model, sdpa on the CPU.
-    cfg = compose_cfg(["attention=sdpa", "data.seq_len=1024", "task.batch_size=2"])
+    # Counted by hand from the docstring's formula for the tiny model, sdpa on SDPA's math path (fp64).
+    cfg = compose_cfg(["attention=sdpa", "data.seq_len=1024", "task.batch_size=2", "hardware.precision=64-true"])
     est = P.estimate(cfg)
     L, H, d, m, V, B, N = 2, 4, 128, 4, 40, 2, 1024
     params = V * d + L * (4 + 2 * m) * d * d
     assert est.parts["parameters + optimizer"] == 16 * params
-    assert est.parts["activations"] == B * N * (L * (10 + 2 * m) * d + 3 * V) * 4
+    assert est.parts["activations"] == B * N * (L * (16 + 2 * m) * d + 3 * V) * 4
     assert est.parts["attention"] == B * 2 * 4 * L * H * N * N  # the dense scores, per layer
+    # In fp32 torch picks a fused kernel (O(N), in the activations): no score matrix.
+    assert P.estimate(compose_cfg(["attention=sdpa", "data.seq_len=1024"])).parts["attention"] == 0
     # The dilated pattern's buffers grow as N * w / r^2 per branch, not N^2.
     dil = P.estimate(compose_cfg(["attention=dilated", "data.seq_len=1024", "task.batch_size=2"]))
     per_branch_heads = H // 3
@@ -42,8 +44,9 @@ def test_a_huge_sequence_is_refused_naming_the_field(compose_cfg, monkeypatch: p
 
 
 @pytest.mark.parametrize(("overrides", "field"), [
-    (["attention=sdpa", "data.seq_len=262144"], "data.seq_len"),
-    (["task=bench", "attention=sdpa", "bench.seq_lens=[1024,1000000]"], "bench.seq_lens"),
+    (["attention=sdpa", "data.seq_len=65536", "hardware.precision=64-true"], "data.seq_len"),
+    (["attention=sdpa", "data.seq_len=4000000"], "data.seq_len"),
+    (["task=bench", "attention=sdpa", "bench.seq_lens=[1024,100000000]"], "bench.seq_lens"),
     (["task=check", "data.seq_len=200000"], "data.seq_len"),
     (["task=eval", "data.seq_len=4000000"], "data.seq_len"),
     (["model=gpt2_124m", "model.d_model=65536", "model.n_head=64"], "model.d_model"),
