@@ -250,11 +250,14 @@ def test_cli_one_line_exit_2_no_run_folder(dilexp_cli, tmp_path: Path, args: lis
 
 
 def test_a_bad_job_in_a_sweep_is_recorded_and_the_sweep_goes_on(dilexp_cli, tmp_path: Path) -> None:
-    proc = dilexp_cli(["-m", "task.max_steps=abc,1", "debug=fast_dev_run", "logger=none",
-                       f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, timeout=300)
+    proc = dilexp_cli(["-m", "task.max_steps=abc,1", "debug=fast_dev_run", "logger=none", "cache=cpu",
+                       "memory=bucketed", f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, timeout=300)
     assert "task.max_steps='abc'" in proc.stderr
     summaries = {p.parent.name: json.loads(p.read_text()) for p in (tmp_path / "sweep").glob("*/summary.json")}
     assert summaries["0"]["status"] == "failed" and "task.max_steps" in summaries["0"]["error"]
     assert summaries["1"]["status"] == "completed"
     # The recorded config holds the checked, typed values.
-    assert summaries["1"]["config"]["task"]["max_steps"] == 1
+    config = summaries["1"]["config"]
+    assert config["task"]["max_steps"] == 1
+    # Environment-backed values as their types: not '256', not '1GiB'.
+    assert config["cache"]["max_entries"] == CS.DEFAULT_MAX_ENTRIES and config["memory"]["max_bytes"] == 1 << 30

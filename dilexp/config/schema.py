@@ -186,7 +186,7 @@ class TextData:
 
 @dataclass
 class Hardware:
-    accelerator: str = opt(choices=("cpu", "gpu", "cuda", "auto"))
+    accelerator: str = opt(choices=("cpu", "gpu", "cuda"))
     # A count >= 1, "auto", or a list of device indices (Lightning's forms).
     devices: int | str | list[int] = opt(ge=1, choices=("auto",))
     num_nodes: int = opt(ge=1)
