@@ -129,13 +129,6 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     from dilexp.telemetry.wandb_logger import finish_wandb
 
     ctx = JobContext.from_hydra()
-    try:
-        # The typed schema (dilexp/config) first: nothing below reads an unchecked value. Then the
-        # memory estimate (dilexp/preflight.py): a job that cannot fit is refused before it starts.
-        check_config(cfg)
-        preflight(cfg)
-    except ConfigError as e:
-        return _config_failed(cfg, ctx, e)
     if ctx.multirun and cfg.get("resume"):
         from dilexp.sweep import kept_result
 
@@ -144,6 +137,14 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         if kept is not None:
             _say(f"dilexp: kept (completed earlier): {ctx.run_dir}")
             return kept
+    try:
+        # The typed schema (dilexp/config) before anything reads a value (a job kept by resume is not
+        # checked: a value added on the resume command is for the jobs that run again). Then the
+        # memory estimate (dilexp/preflight.py): a job that cannot fit is refused before it starts.
+        check_config(cfg)
+        preflight(cfg)
+    except ConfigError as e:
+        return _config_failed(cfg, ctx, e)
     if ctx.multirun and is_multiprocess(cfg):
         return _run_as_own_launch(ctx)
     child_rank = is_launched_rank()
