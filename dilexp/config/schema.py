@@ -185,6 +185,19 @@ class TextData:
 
 
 @dataclass
+class DocsData:
+    name: str = opt(choices=("docs",))
+    path: str | None = opt()
+    field: str = opt()
+    tokenizer: str = opt(choices=("byte", "char"))
+    seq_len: int = opt(ge=1)
+    val_fraction: float = opt(gt=0)
+    train_samples: int = opt(ge=1)
+    val_samples: int = opt(ge=1)
+    num_workers: int = opt(ge=0)
+
+
+@dataclass
 class Hardware:
     accelerator: str = opt(choices=("cpu", "gpu", "cuda"))
     # A count >= 1, "auto", or a list of device indices (Lightning's forms).
@@ -326,7 +339,7 @@ class Root:
 # The schema of a group's node, chosen by the field that names its option.
 SCHEMAS: dict[str, tuple[str, dict[str, type]]] = {
     "task": ("name", {"train": TrainTask, "eval": EvalTask, "check": CheckTask, "bench": BenchTask}),
-    "data": ("name", {"recall": RecallData, "text": TextData}),
+    "data": ("name", {"recall": RecallData, "text": TextData, "docs": DocsData}),
     "attention": ("name", {"sdpa": SdpaAttention, "dilated": DilatedAttention, "improved": DilatedAttention,
                            "flex": FlexAttention, "ring_v2": RingAttention, "ring_v3": RingAttention,
                            "block_sparse": BlockSparseAttention}),
