@@ -17,9 +17,12 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig
 
+import dilexp.config  # noqa: F401  (registers the dilexp.env resolver, also for --cfg)
 import dilexp.sweep  # noqa: F401  (registers the resolvers the Hydra config uses, also for --cfg)
+from dilexp.config import check_config
 from dilexp.errors import ConfigError
 from dilexp.paths import CONF_DIR
+from dilexp.preflight import preflight
 from dilexp.tasks.context import JobContext, resolved
 
 log = logging.getLogger("dilexp")
@@ -102,6 +105,26 @@ def _run_as_own_launch(ctx: JobContext) -> dict[str, Any] | None:
     return summary if summary.get("status") == "completed" else None
 
 
+def _config_failed(cfg: DictConfig, ctx: JobContext, e: ConfigError) -> None:
+    """A bad setting: one line naming the field; a sweep records the job as failed and goes on,
+    a single run exits 2 and leaves no run folder (nothing ran)."""
+    from dilexp.telemetry.record import RunRecord
+
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        traceback.print_exc()
+    _say(f"dilexp: config error: {e}")
+    if ctx.multirun:
+        try:
+            values = resolved(cfg)
+        except Exception:  # a value that cannot be resolved (a bad environment variable) is the error itself
+            values = {}
+        RunRecord(ctx.run_dir, str(cfg.task.get("name")), ctx.choices, ctx.overrides, values).finish(
+            "failed", error=f"ConfigError: {e}")
+        return None
+    shutil.rmtree(ctx.run_dir, ignore_errors=True)
+    sys.exit(2)
+
+
 def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     from dilexp.cache import reset_global_cache
     from dilexp.telemetry.record import NoRecord, RunRecord
@@ -116,6 +139,14 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         if kept is not None:
             _say(f"dilexp: kept (completed earlier): {ctx.run_dir}")
             return kept
+    try:
+        # The typed schema (dilexp/config) before anything reads a value (a job kept by resume is not
+        # checked: a value added on the resume command is for the jobs that run again). Then the
+        # memory estimate (dilexp/preflight.py): a job that cannot fit is refused before it starts.
+        check_config(cfg)
+        preflight(cfg)
+    except ConfigError as e:
+        return _config_failed(cfg, ctx, e)
     if ctx.multirun and is_multiprocess(cfg):
         return _run_as_own_launch(ctx)
     child_rank = is_launched_rank()
@@ -125,16 +156,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     try:
         prepared = _prepare(cfg)
     except ConfigError as e:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            traceback.print_exc()
-        _say(f"dilexp: config error: {e}")
-        if ctx.multirun:
-            RunRecord(ctx.run_dir, str(cfg.task.name), ctx.choices, ctx.overrides, resolved(cfg)).finish(
-                "failed", error=f"ConfigError: {e}")
-            return None
-        # Nothing ran: leave no half-made run folder behind.
-        shutil.rmtree(ctx.run_dir, ignore_errors=True)
-        sys.exit(2)
+        return _config_failed(cfg, ctx, e)
     except Exception as e:
         # Building can fail in ways no check foresees (an OOM while allocating the model):
         # in a sweep that is this job's result, and the other jobs still run.
@@ -179,7 +201,44 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return objective(cfg, run_job(cfg))
 
 
+def _one_line_composition_errors() -> None:
+    """Hydra's own composition errors (a key the config lacks, an unknown option, a bad override)
+    as one `dilexp: config error:` line and exit 2, like every other bad setting.
+
+    Hydra prints them over several lines and exits 1 from its private ``run_and_report``; this
+    wraps that function (kept as is when a Hydra version lacks it). HYDRA_FULL_ERROR=1 still
+    gives Hydra's full report.
+    """
+    try:
+        from hydra._internal import utils as hydra_utils
+        from hydra.errors import ConfigCompositionException, OverrideParseException
+    except ImportError:  # pragma: no cover - another Hydra layout: its own report stays
+        return
+    original = getattr(hydra_utils, "run_and_report", None)
+    if original is None or getattr(original, "dilexp_wrapped", False):
+        return
+
+    def run_and_report(func: Any) -> Any:
+        def guarded() -> Any:
+            try:
+                return func()
+            except (ConfigCompositionException, OverrideParseException) as e:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                # The search path Hydra appends to a missing option says nothing about the fix.
+                detail = str(e).split("Config search path:")[0].strip()
+                detail += f" ({e.__cause__})" if e.__cause__ is not None else ""
+                _say(f"dilexp: config error: {' '.join(detail.split())}")
+                sys.exit(2)
+
+        return original(guarded)
+
+    run_and_report.dilexp_wrapped = True  # type: ignore[attr-defined]
+    hydra_utils.run_and_report = run_and_report
+
+
 def main() -> None:
+    _one_line_composition_errors()
     _hydra_main()
 
 
