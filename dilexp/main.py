@@ -185,7 +185,14 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         result = _run(cfg, ctx, prepared, record)
     except BaseException as e:
         if signals.received() is not None or isinstance(e, (signals.Interrupted, KeyboardInterrupt)):
-            raise _interrupted(ctx, record, e, child_rank) from None
+            stop = _interrupted(ctx, record, e, child_rank)
+            from dilexp.sweep import runs_here
+
+            if ctx.multirun and not runs_here(ctx.sweep_dir):
+                # A job in its own process (submitit, SLURM): recorded as interrupted, Hydra's job
+                # end updates sweep.json, and `+resume=true` (or a requeue) continues it.
+                return None
+            raise stop from None
         if not isinstance(e, Exception):
             raise
         record.finish("failed", error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=20))

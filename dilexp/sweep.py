@@ -431,6 +431,12 @@ def _planned_jobs(config: DictConfig, overrides: list[str]) -> list[list[str]] |
         return None
 
 
+def runs_here(sweep_dir: Path | None) -> bool:
+    """Whether this process runs the sweep's loop (the basic launcher), not only one of its jobs."""
+    active = _ACTIVE.get("sweep_dir")
+    return active is not None and sweep_dir is not None and Path(sweep_dir).resolve() == active
+
+
 def note_job_start(run_dir: Path) -> None:
     """The job this process runs now (an interrupted sweep names it)."""
     _ACTIVE["job"] = Path(run_dir).resolve()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from datetime import timedelta
 from typing import Any
 
@@ -203,9 +204,11 @@ class Prepared:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         self.model, self.parts = build_model(cfg, self.data.vocab_size)
         self.seq_len = int(cfg.data.seq_len)
-        # A sweep resumed with +resume=true continues its interrupted jobs from their checkpoints.
+        # A sweep resumed with +resume=true, or a SLURM job requeued (preempted, or past its time
+        # limit with max_num_timeout > 0), continues from the job folder's checkpoint.
         resume = t.get("resume")
-        if resume is None and str(cfg.get("resume", "")).lower() in ("1", "true", "yes"):
+        requeued = os.environ.get("SLURM_RESTART_COUNT", "0").strip() not in ("", "0")
+        if resume is None and (str(cfg.get("resume", "")).lower() in ("1", "true", "yes") or requeued):
             resume = "auto"
         self.resume_from = resume_checkpoint(resume, ctx_run_dir())
         self.resume_step = checkpoint_step(self.resume_from) if self.resume_from is not None else None
