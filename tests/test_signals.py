@@ -16,6 +16,7 @@ from test_resume import start, wait_for
 
 from dilexp.telemetry.record import RunRecord, read_summary
 
+
 @pytest.fixture
 def handlers():
     from dilexp import signals
