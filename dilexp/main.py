@@ -185,7 +185,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         result = _run(cfg, ctx, prepared, record)
     except BaseException as e:
         if signals.received() is not None or isinstance(e, (signals.Interrupted, KeyboardInterrupt)):
-            stop = _interrupted(ctx, record, e, child_rank)
+            stop = _interrupted(ctx, str(cfg.task.name), record, e, child_rank)
             from dilexp.sweep import runs_here
 
             if ctx.multirun and not runs_here(ctx.sweep_dir):
@@ -213,7 +213,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     return result
 
 
-def _interrupted(ctx: JobContext, record: Any, e: BaseException, child_rank: bool) -> signals.Interrupted:
+def _interrupted(ctx: JobContext, task: str, record: Any, e: BaseException, child_rank: bool
+                 ) -> signals.Interrupted:
     """Record a job stopped by a signal as ``interrupted`` (signal, step, checkpoint); the stop to raise."""
     from dilexp.resume import LAST, checkpoint_dir
     from dilexp.telemetry.wandb_logger import finish_wandb
@@ -232,7 +233,7 @@ def _interrupted(ctx: JobContext, record: Any, e: BaseException, child_rank: boo
     if not child_rank:
         where = f"; checkpoint {ckpt} (step {_ckpt_step(ckpt)})" if ckpt.is_file() else ""
         _say(f"dilexp: job {stop}{where}; record in {ctx.run_dir}")
-        if not ctx.multirun and os.environ.get(SWEEP_JOB_ENV) != "1":
+        if task == "train" and not ctx.multirun and os.environ.get(SWEEP_JOB_ENV) != "1":
             again = " ".join(o for o in ctx.overrides if not o.startswith(("task.resume=", "+task.resume=")))
             _say(f"dilexp: resume: python -m dilexp {again} hydra.run.dir={ctx.run_dir} task.resume=auto".replace(
                 "  ", " "))
