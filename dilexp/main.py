@@ -129,6 +129,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     from dilexp.telemetry.record import NoRecord, RunRecord
     from dilexp.telemetry.wandb_logger import finish_wandb
 
+    # Also where main() did not run: a submitit / SLURM worker calls this job function directly.
+    signals.install()
     ctx = JobContext.from_hydra()
     if ctx.multirun:
         from dilexp.sweep import note_job_start
