@@ -1,7 +1,9 @@
-"""What every attention variant is: a module ``attn(q, k, v, causal=bool)`` on (B, N, H, D) tensors."""
+"""What every attention variant is: a module ``attn(q, k, v, causal=bool, docs=layout)`` on (B, N, H, D) tensors."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +16,7 @@ from dilexp.attention._kernels import build_pattern, check_dims
 from dilexp.cache.base import PatternCache
 from dilexp.errors import ConfigError
 from dilexp.memory.base import MemoryPool, NoPool
+from dilexp.patterns.documents import DocumentLayout, as_layout, group_plan
 
 PATTERN_KINDS = ("full", "dilated", "block_sparse")
 
@@ -34,6 +37,10 @@ class Capabilities:
     - ``process_groups``: shards the sequence over a torch.distributed group (hardware=cp).
       A variant without it refuses to run while a context-parallel group is registered.
     - ``lse``: ``forward_lse`` returns the log-sum-exp of each query row.
+    - ``documents``: ``forward(..., docs=layout)`` computes each packed document as its own
+      sequence (patterns/documents.py). Every variant has it through the base class's
+      generic exact path (``Attention.forward_documents``); a variant overrides that with a
+      fast path, or declares False and is refused a layout.
     - ``paths``: its implementations of the same function (e.g. a fused CPU kernel and a
       portable one), selected with ``use_path``; ``slow_paths`` those too slow for the
       quick tests (compilation), checked on one fixed shape instead.
@@ -47,6 +54,7 @@ class Capabilities:
     no_backward_on: tuple[str, ...] = ()
     process_groups: bool = False
     lse: bool = False
+    documents: bool = True
     paths: tuple[str, ...] = ("default",)
     slow_paths: tuple[str, ...] = ()
     settings: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
@@ -64,6 +72,12 @@ class Attention(nn.Module):
     of how often each key is selected for each query (0 = masked), before the causal mask.
     It is the oracle for tests and the FLOP counter for benchmarks; it is never used on
     the hot path.
+
+    Packed documents: every subclass's ``forward`` also takes ``docs=`` (a
+    ``DocumentLayout``). A subclass whose own ``forward`` has no ``docs`` parameter gets it
+    added here (``__init_subclass__``): a non-trivial layout goes to ``forward_documents``,
+    None or one document per row goes to the subclass's forward unchanged. A subclass that
+    declares ``docs`` itself handles it (and may still call ``forward_documents``).
     """
 
     name: str = "base"
@@ -91,8 +105,32 @@ class Attention(nn.Module):
         self.pool = pool if pool is not None else NoPool()
         self._ahead: set[tuple[Any, torch.device | str]] = set()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("forward")
+        if own is not None and "docs" not in inspect.signature(own).parameters:
+            cls.forward = _with_documents(own)  # type: ignore[method-assign]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                docs: DocumentLayout | None = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward_documents(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, docs: DocumentLayout
+    ) -> torch.Tensor:
+        """The generic exact path: every document through the variant as a sequence of its own.
+
+        Exact by construction (the document *is* a sequence of its length). Documents of one
+        length, in any rows, go through together as one batch (``group_plan``, cached under the
+        layout's key), so the variant is called once per distinct length; variants with a
+        per-layout plan override this with a fast path.
+        """
+        self._check_layout(q, docs)
+        b, n, h, d = q.shape
+        groups, inverse = self.lookup(("doc_groups", docs.key), lambda: group_plan(docs), q.device)
+        qf, kf, vf = (t.reshape(b * n, h, d) for t in (q, k, v))
+        outs = [self.forward(qf[idx], kf[idx], vf[idx], causal=causal).reshape(-1, h, d) for _, idx in groups]
+        return torch.cat(outs)[inverse].view(b, n, h, d)
 
     def lookup(self, key: Hashable, build: Callable[[], Any], device: torch.device | str) -> Any:
         """The one cache lookup of a call: its whole plan, under its own key (patterns/).
@@ -168,6 +206,15 @@ class Attention(nn.Module):
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, cache={self.cache.name}"
 
+    def _check_layout(self, q: torch.Tensor, docs: DocumentLayout) -> None:
+        """A layout must describe this batch; slicing a context-parallel shard per document
+        would attend within the shard only, so the generic path refuses one."""
+        if not self.capabilities.documents:
+            raise NotImplementedError(f"{self.name} does not take packed documents (capabilities.documents is False)")
+        _refuse_under_context_parallel(f"{self.name} (generic document path)")
+        if docs.n != q.shape[1] or docs.batch != q.shape[0]:
+            raise ValueError(f"{self.name}: layout is for B={docs.batch}, N={docs.n}, got q of shape {tuple(q.shape)}")
+
     def _check_input(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if not self.capabilities.process_groups:
             _refuse_under_context_parallel(self.name)
@@ -177,6 +224,21 @@ class Attention(nn.Module):
         if q.shape[2] != self.num_heads or q.shape[3] != self.head_dim:
             raise ValueError(f"{self.name}: built for H={self.num_heads}, D={self.head_dim}, "
                              f"got H={q.shape[2]}, D={q.shape[3]}")
+
+
+def _with_documents(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """``forward`` with the ``docs=`` keyword: a real layout goes to ``forward_documents``."""
+
+    @functools.wraps(forward)
+    def wrapped(self: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False,
+                docs: DocumentLayout | None = None) -> torch.Tensor:
+        layout = as_layout(docs)
+        if layout is None:
+            return forward(self, q, k, v, causal=causal)
+        return self.forward_documents(q, k, v, causal, layout)
+
+    wrapped.__signature__ = inspect.signature(wrapped, follow_wrapped=False)  # type: ignore[attr-defined]
+    return wrapped
 
 
 def _refuse_under_context_parallel(name: str) -> None:

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
+
+from dilexp.patterns.documents import DocumentLayout
 
 
 def dense_reference(
@@ -21,7 +24,8 @@ def dense_reference(
     causal: bool = False,
     compute_dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
-    """q, k, v: (B, N, H, D); multiplicity: (H, N, N) counts (or bool). Returns (B, N, H, D)."""
+    """q, k, v: (B, N, H, D); multiplicity: (H, N, N) counts (or bool), or (B, H, N, N) when
+    it differs per row (packed documents: ``document_multiplicity``). Returns (B, N, H, D)."""
     b, n, h, d = q.shape
     qf, kf, vf = (t.to(compute_dtype) for t in (q, k, v))
     scores = torch.einsum("bqhd,bkhd->bhqk", qf, kf) / math.sqrt(d)
@@ -29,7 +33,7 @@ def dense_reference(
     if causal:
         mult = torch.tril(mult)
     bias = torch.log(mult.to(compute_dtype))  # log 0 = -inf masks the pair
-    scores = scores + bias.unsqueeze(0)
+    scores = scores + (bias if bias.dim() == 4 else bias.unsqueeze(0))
     empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
     probs = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
     out = torch.einsum("bhqk,bkhd->bqhd", probs, vf)
@@ -45,8 +49,30 @@ def reference_lse(
     mult = multiplicity.to(device=q.device)
     if causal:
         mult = torch.tril(mult)
-    scores = scores + torch.log(mult.double()).unsqueeze(0)
+    bias = torch.log(mult.double())
+    scores = scores + (bias if bias.dim() == 4 else bias.unsqueeze(0))
     return torch.logsumexp(scores, dim=-1).transpose(1, 2)
+
+
+def document_multiplicity(variant: Any, layout: DocumentLayout) -> torch.Tensor:
+    """(B, H, N, N) int64: block-diagonal, each document's block the variant's own
+    ``dense_multiplicity(doc_len)``; zero across documents (the document-masked oracle).
+
+    ``variant``: anything with ``dense_multiplicity(n) -> (H, n, n)`` (a module, or a pattern
+    wrapper built from the settings so the oracle does not trust the module under test).
+    """
+    blocks: dict[int, torch.Tensor] = {}
+    out = None
+    for r in range(layout.batch):
+        for a, b in layout.spans(r):
+            if b - a not in blocks:
+                blocks[b - a] = variant.dense_multiplicity(b - a).to(torch.int64)
+            block = blocks[b - a]
+            if out is None:
+                out = torch.zeros(layout.batch, block.shape[0], layout.n, layout.n, dtype=torch.int64)
+            out[r, :, a:b, a:b] = block
+    assert out is not None
+    return out
 
 
 # (head, start, stop) -> rows [start, stop) of that head's (N, N) multiplicity, int64.

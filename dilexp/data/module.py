@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
+from dilexp.data.docs import DocumentCorpus, PackedDocuments
 from dilexp.data.recall import RecallDataset
 from dilexp.data.text import TextTokens, TokenWindows
 from dilexp.errors import ConfigError
@@ -58,4 +59,10 @@ def build_datamodule(data: Any, batch_size: int, seed: int) -> DataModule:
         train = TokenWindows(tr, seq_len, int(data.train_samples), seed, split=0)
         val = TokenWindows(va, seq_len, int(data.val_samples), seed, split=1)
         return DataModule(train, val, tokens.vocab_size, batch_size, workers)
-    raise ConfigError("data.name", data.name, "choose 'recall' or 'text'")
+    if data.name == "docs":
+        corpus = DocumentCorpus(data.path, str(data.get("field", "text")), data.get("tokenizer", "byte"))
+        tr_docs, va_docs = corpus.split(float(data.val_fraction), seed)
+        train = PackedDocuments(tr_docs, corpus.eod, seq_len, int(data.train_samples), seed, split=0)
+        val = PackedDocuments(va_docs, corpus.eod, seq_len, int(data.val_samples), seed, split=1)
+        return DataModule(train, val, corpus.vocab_size, batch_size, workers)
+    raise ConfigError("data.name", data.name, "choose 'recall', 'text' or 'docs'")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dilexp.attention.base import Attention
+from dilexp.patterns.documents import DocumentLayout
 
 
 @dataclass
@@ -31,10 +32,10 @@ class GPTConfig:
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin of shape (N, 1, D/2) for the given (global) positions."""
+    """cos/sin of shape (N, 1, D/2) for (N,) positions, (B, N, 1, D/2) for per-row (B, N) ones."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
-    return angles.cos()[:, None, :], angles.sin()[:, None, :]
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    return angles.cos().unsqueeze(-2), angles.sin().unsqueeze(-2)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -55,11 +56,12 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.attention = attention
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                docs: DocumentLayout | None = None) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_head, self.head_dim).unbind(dim=2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        y = self.attention(q, k, v, causal=True)
+        y = self.attention(q, k, v, causal=True, docs=docs)
         return self.proj(y.reshape(b, n, -1))
 
 
@@ -76,8 +78,9 @@ class Block(nn.Module):
         )
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop(self.attn(self.ln1(x), cos, sin))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                docs: DocumentLayout | None = None) -> torch.Tensor:
+        x = x + self.drop(self.attn(self.ln1(x), cos, sin, docs))
         return x + self.drop(self.mlp(self.ln2(x)))
 
 
@@ -110,14 +113,21 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_emb.weight.numel() if non_embedding else n
 
-    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, positions: torch.Tensor | None = None,
+                docs: DocumentLayout | None = None) -> torch.Tensor:
         """idx: (B, N) token ids -> logits (B, N, vocab). ``positions``: global positions of
-        the N tokens (a context-parallel shard is not at 0..N-1)."""
+        the N tokens (a context-parallel shard is not at 0..N-1), (N,) or per row (B, N).
+        ``docs``: packed documents; every layer gets the same layout (one build per step, its
+        plans cached under its key) and, unless ``positions`` is given, rotary positions
+        restart at each document start, as for a document alone."""
         if positions is None:
-            positions = torch.arange(idx.shape[1], device=idx.device)
+            if docs is not None and not docs.trivial:
+                positions = docs.positions(idx.device)
+            else:
+                positions = torch.arange(idx.shape[1], device=idx.device)
         cos, sin = rotary_tables(positions, self.cfg.head_dim, self.cfg.rope_base)
         x = self.tok_emb(idx)
         for blk in self.blocks:
-            x = blk(x, cos, sin)
+            x = blk(x, cos, sin, docs)
         return self.lm_head(self.ln_f(x))
 

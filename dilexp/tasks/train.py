@@ -23,6 +23,7 @@ from dilexp.data import build_datamodule
 from dilexp.errors import ConfigError
 from dilexp.evals import BinnedTotals
 from dilexp.models import GPT
+from dilexp.patterns.documents import DocumentLayout
 from dilexp.resume import (
     Checkpointing,
     checkpoint_dir,
@@ -74,11 +75,15 @@ class LMModule(L.LightningModule):
         distance = batch.get("distance")
         count = mask.sum().clamp_min(1).to(torch.float32)
         positions = None
+        # Packed documents: the layout is built once per step, here, and every layer reads it.
+        docs = layout_of(batch)
         if self.cp is not None:
             if distance is not None:
                 distance = self.cp.shard_tensor(distance)
             ids, targets, mask, positions = self.cp.shard(ids, targets, mask)
-        logits = self.model(ids, positions)
+            if docs is not None:  # the shard's positions within their documents
+                positions = self.cp.shard_tensor(docs.positions(ids.device))
+        logits = self.model(ids, positions, docs=docs)
         token_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")
         token_loss = token_loss.view_as(targets)
         loss_sum = (token_loss * mask).sum()
@@ -88,6 +93,8 @@ class LMModule(L.LightningModule):
                 self._by_distance.add(hits.float(), distance, mask)
             else:
                 pos = positions if positions is not None else torch.arange(ids.shape[1], device=ids.device)
+                if docs is not None and positions is None:
+                    pos = docs.positions(ids.device)  # a document's context starts at its start
                 # Position p predicts its target from p + 1 tokens of context.
                 self._by_position.add(token_loss, (pos + 1).expand_as(targets), mask)
         return loss_sum, hits.sum().to(torch.float32), count
@@ -153,6 +160,12 @@ class LMModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def layout_of(batch: dict[str, torch.Tensor]) -> DocumentLayout | None:
+    """The batch's document layout (data=docs), None without documents; one device sync."""
+    doc_ids = batch.get("doc_ids")
+    return None if doc_ids is None else DocumentLayout.from_doc_ids(doc_ids)
+
+
 def format_val_line(step: int, metrics: dict[str, Any], chance: float | None) -> str:
     """The validation line: loss, accuracy on the answers and, beside it, the chance level."""
     parts = [f"val  {step:>5}", f"loss {float(metrics.get('val/loss', float('nan'))):7.4f}"]
@@ -208,10 +221,23 @@ class Prepared:
         self.resume_from = resume_checkpoint(resume, ctx_run_dir())
         self.resume_step = checkpoint_step(self.resume_from) if self.resume_from is not None else None
         self.cp = ContextParallel.from_config(cfg, self.seq_len)
+        if self.cp is not None and str(cfg.data.name) == "docs":
+            check_documents_under_cp(self.model)
         if self.cp is None:
             # Under cp the patterns depend on the shard layout: they are built once the group exists.
             # The model's attention is always causal: the other mask's patterns would only be held.
             pregenerate_patterns(self.model.attention_modules(), self.seq_len, self.device, causal=True)
+
+
+def check_documents_under_cp(model: GPT) -> None:
+    """Documents over a sharded sequence need a variant with its own document path: the base
+    class's generic path slices documents, which a shard does not hold whole."""
+    from dilexp.attention.base import Attention
+
+    for attn in model.attention_modules():
+        if type(attn).forward_documents is Attention.forward_documents:
+            raise ConfigError("data.name", "docs", f"attention={attn.name} has no document path over a "
+                              "context-parallel group; use hardware without cp")
 
 
 def strategy(hw: DictConfig) -> Any:
