@@ -17,9 +17,10 @@ from dilexp.data.module import Strided
 from dilexp.errors import ConfigError
 from dilexp.main import _prepare
 
-COMMON = ["attention=ring_v2", "data.seq_len=64", "model.n_layer=1", "model.d_model=64", "task.max_steps=10",
-          "task.log_every_n_steps=1", "task.val_every_n_steps=5", "task.warmup_steps=2", "task.checkpoint=false",
-          "logger=csv", "hardware.accelerator=cpu", "hardware.precision=32-true"]
+# A constant learning rate: a 5-step run and a 10-step run share their first 5 updates.
+COMMON = ["attention=ring_v2", "data.seq_len=64", "model.n_layer=1", "model.d_model=64", "task.log_every_n_steps=1",
+          "task.val_every_n_steps=5", "task.warmup_steps=0", "task.min_lr_ratio=1.0", "logger=csv",
+          "hardware.accelerator=cpu", "hardware.precision=32-true"]
 
 
 def _cp(devices: int, cp_size: int, *more: str) -> list[str]:
@@ -47,7 +48,9 @@ def _losses(run: Path) -> tuple[dict[int, float], dict[int, float], dict]:
 
 
 def _run(dilexp_cli, tmp_path: Path, name: str, args: list[str]) -> tuple[dict[int, float], dict[int, float], dict]:
-    proc = dilexp_cli([*COMMON, *args, f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path, timeout=500)
+    more = [] if any(a.startswith("task.max_steps=") for a in args) else ["task.max_steps=10"]
+    more += [] if any(a.startswith("task.checkpoint=") for a in args) else ["task.checkpoint=false"]
+    proc = dilexp_cli([*COMMON, *more, *args, f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path, timeout=500)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return _losses(tmp_path / name)
 
@@ -59,7 +62,7 @@ def _same(a: dict[int, float], b: dict[int, float]) -> None:
 
 
 @pytest.mark.slow
-def test_mesh_2x2_equals_2x1_and_one_process_and_sharded(dilexp_cli, tmp_path: Path) -> None:
+def test_mesh_2x2_equals_2x1_one_process_sharded_and_resumed(dilexp_cli, tmp_path: Path) -> None:
     train_22, val_22, s22 = _run(dilexp_cli, tmp_path, "dp2_cp2", _cp(4, 2))
     train_21, val_21, _ = _run(dilexp_cli, tmp_path, "dp2_cp1", _cp(2, 1))
     train_1, val_1, _ = _run(dilexp_cli, tmp_path, "one", ONE_PROCESS)
@@ -83,6 +86,23 @@ def test_mesh_2x2_equals_2x1_and_one_process_and_sharded(dilexp_cli, tmp_path: P
     # Sharded over 2 replicas: each rank holds about half the parameters, gradients and Adam state.
     full, sharded = m["memory/model_state_mb"], ssh["metrics"]["memory/model_state_mb"]
     assert 0.4 * full < sharded < 0.6 * full, (full, sharded)
+
+    # A (2 x 2) sharded checkpoint after 5 steps resumes under (2 x 2) to the uninterrupted run's losses.
+    first, _, _ = _run(dilexp_cli, tmp_path, "first5", _cp(4, 2, "hardware.shard_model=true", "task.max_steps=5",
+                                                           "task.checkpoint=true"))
+    ckpt = tmp_path / "first5" / "checkpoints" / "last.ckpt"
+    resumed, _, sr = _run(dilexp_cli, tmp_path, "resumed", _cp(4, 2, "hardware.shard_model=true",
+                                                               f"task.resume={ckpt}"))
+    whole = [train_sh[k] for k in sorted(train_sh)]
+    assert [first[k] for k in sorted(first)] == pytest.approx(whole[:5], abs=1e-4)
+    assert [resumed[k] for k in sorted(resumed)] == pytest.approx(whole[5:], abs=1e-4)
+    assert sr["metrics"]["train/steps"] == 10
+    # Another mesh: one line naming the field, exit 2, before any work.
+    proc = dilexp_cli([*COMMON, *_cp(4, 1, "hardware.shard_model=true", f"task.resume={ckpt}"),
+                       f"hydra.run.dir={tmp_path / 'other_mesh'}"], cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    said = [line for line in proc.stderr.splitlines() if "hardware.cp_size" in line]
+    assert len(said) == 1 and "(dp 2 x cp 2" in said[0], proc.stderr[-2000:]
 
 
 def test_strided_sampler_splits_the_global_order() -> None:

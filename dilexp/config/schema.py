@@ -73,9 +73,9 @@ class TrainTask:
     fast_dev_run: bool = opt()
     overfit_batches: int = opt(ge=0)
     checkpoint: bool = opt()
-    # Checkpoints and resume (issue 14 part A): every n steps / s seconds; "auto", a path, or null.
-    checkpoint_every_n_steps: int | None = opt(ge=1)
-    checkpoint_every_s: float | None = opt(gt=0)
+    # Checkpoints and resume (dilexp/resume.py): every n steps / s seconds (0: off); "auto", a path, or null.
+    checkpoint_every_n_steps: int | None = opt(ge=0)
+    checkpoint_every_s: float | None = opt(ge=0)
     resume: str | None = opt()
     # Refuse a job whose estimated peak memory exceeds what is available (dilexp/preflight.py).
     preflight: bool = opt()

@@ -39,6 +39,8 @@ class DataModule(L.LightningDataModule):
         super().__init__()
         self.train_set, self.val_set = train, val
         self.vocab_size, self.batch_size, self.num_workers = vocab_size, batch_size, num_workers
+        # Whether the trainer's ranks each take their own batches (DDP) or share them (context parallel).
+        self.data_parallel = True
         # (replicas, this replica) once the process group exists; set by hardware=cp, whose
         # context-parallel ranks of one replica read the same batches.
         self.replica: Callable[[], tuple[int, int]] | None = None
@@ -52,18 +54,23 @@ class DataModule(L.LightningDataModule):
         return DataLoader(data, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
                           drop_last=drop_last, sampler=sampler)
 
-    def _replica_start(self) -> int:
-        """hardware=cp resumed from a checkpoint: where in the global order the next step begins
-        (every step takes batch_size x accumulation x replicas sequences)."""
-        trainer = self.trainer
-        if self.replica is None or trainer is None or trainer.global_step <= 0:
-            return 0
-        per_step = self.batch_size * int(trainer.accumulate_grad_batches) * self.replica()[0]
-        per_epoch = len(self.train_set) // per_step  # type: ignore[arg-type]
-        return (trainer.global_step % per_epoch) * per_step if per_epoch else 0
-
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, drop_last=True, start=self._replica_start())
+        from dilexp.resume import StartAt, consumed_samples
+
+        # Resumed from a checkpoint: continue with the first sequence the stopped run had not seen
+        # (a step takes batch_size x accumulation sequences on each replica).
+        trainer = getattr(self, "trainer", None)
+        step = int(trainer.global_step) if trainer is not None else 0
+        per_replica = self.batch_size * (int(trainer.accumulate_grad_batches) if trainer is not None else 1)
+        if self.replica is not None:
+            # hardware=cp: the dp replicas take turns along one global order.
+            start = consumed_samples(step, per_replica, self.replica()[0], len(self.train_set))  # type: ignore[arg-type]
+            return self._loader(self.train_set, drop_last=True, start=start)
+        ranks = trainer.world_size if trainer is not None and self.data_parallel else 1
+        start = consumed_samples(step, per_replica, ranks, len(self.train_set))  # type: ignore[arg-type]
+        sampler = StartAt(len(self.train_set), start) if start else None  # type: ignore[arg-type]
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, sampler=sampler,
+                          num_workers=self.num_workers, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, drop_last=False)

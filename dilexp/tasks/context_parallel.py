@@ -87,10 +87,11 @@ class ContextParallel:
         ModelParallelStrategy; the data module splits the data over dp (``replica``)."""
         timeout = timedelta(seconds=self.timeout_s)
         if self.shard_model:
-            # Lightning names its mesh (data_parallel, tensor_parallel); the second
-            # dimension has the same ranks as our cp. Checkpoints: one shard per rank.
+            # Lightning names its mesh (data_parallel, tensor_parallel); the second dimension has
+            # the same ranks as our cp. Checkpoints: one file, the full state gathered on rank 0,
+            # so last.ckpt is written and replaced in place as without sharding (dilexp.resume).
             return ModelParallelStrategy(data_parallel_size=self.dp, tensor_parallel_size=self.world,
-                                         save_distributed_checkpoint=True, timeout=timeout)
+                                         save_distributed_checkpoint=False, timeout=timeout)
         return DDPStrategy(timeout=timeout)
 
     def replica(self) -> tuple[int, int]:
@@ -147,10 +148,5 @@ def check_checkpoint_mesh(saved: dict[str, Any] | None, now: dict[str, Any], pat
 
 def read_checkpoint_mesh(path: str) -> dict[str, Any] | None:
     """The mesh a checkpoint was written on (None for one written without a mesh)."""
-    from pathlib import Path
-
-    p = Path(path)
-    # A sharded checkpoint is a folder: Lightning keeps the non-tensor part in its meta.pt.
-    meta = p / "meta.pt" if p.is_dir() else p
-    state = torch.load(meta, map_location="cpu", weights_only=False, mmap=not p.is_dir())
-    return state.get("dilexp_mesh")
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    return state.get("dilexp_mesh") if isinstance(state, dict) else None
