@@ -56,8 +56,10 @@ class SafeWandbLogger(WandbLogger):
 
 
 def make_wandb_logger(settings: Any, run_dir: Path, name: str, group: str | None, tags: list[str],
-                      config: dict[str, Any]) -> SafeWandbLogger | None:
+                      config: dict[str, Any], run_id: str | None = None) -> SafeWandbLogger | None:
+    """``run_id``: continue that W&B run (a resumed training run) instead of starting a new one."""
     try:
+        resume = {"id": run_id, "resume": "allow"} if run_id else {}
         mode = wandb_mode(settings.get("mode", "auto"))
         if mode == "disabled":
             return None
@@ -71,6 +73,7 @@ def make_wandb_logger(settings: Any, run_dir: Path, name: str, group: str | None
             mode=mode,
             config=config,
             log_model=False,
+            **resume,
         )
         _ = logger.experiment  # start it now, so a failure shows here and not mid-run
         return logger
