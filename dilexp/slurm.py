@@ -14,6 +14,15 @@ before it builds the launcher, in the submitting process, so before anything is 
 - On a cluster without accounting (``sacct`` fails there) job states come from ``squeue``, so
   the sweep does not print a warning every few seconds and still sees a job that died.
 
+In each job (the same callback, in the job's process, only when submitit runs it):
+
+- dilexp's stop signals (dilexp/signals.py) replace submitit's handlers, which only log a
+  SIGTERM: ``scancel --signal=TERM`` (or preemption) stops the job at a step end with a
+  checkpoint, as ``interrupted``, and the job returns, so its sweep records it and goes on.
+- SLURM's time-limit signal (SIGUSR2, ``signal_delay_s`` before ``timeout_min``) stops the job
+  the same way; then submitit requeues it (``max_num_timeout`` times at most) with
+  ``+resume=true`` added, so the requeued job continues from that checkpoint in the same folder.
+
 (A launcher subclass would be the obvious place, but Hydra only accepts launchers from the
 ``hydra_plugins`` package.)
 """
@@ -21,7 +30,9 @@ before it builds the launcher, in the submitting process, so before anything is 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -168,6 +179,68 @@ def _is_slurm(config: DictConfig) -> bool:
     return target.endswith("submitit_launcher.SlurmLauncher")
 
 
+def in_submitit_job() -> bool:
+    """Whether this process is a job submitit started (it sets SUBMITIT_FOLDER before the job runs)."""
+    return bool(os.environ.get("SUBMITIT_FOLDER"))
+
+
+# SLURM's signal ahead of the time limit (submitit asks for it with sbatch --signal=USR2@delay).
+TIME_LIMIT_SIGNAL = signal.SIGUSR2
+# In a job: submitit's handler for that signal (it requeues the job), kept while dilexp's
+# stop handling owns the signal, and whether the signal came.
+_JOB: dict[str, Any] = {}
+
+
+def take_over_signals() -> None:
+    """In a submitit job: dilexp's stop signals instead of submitit's, the time limit included."""
+    from dilexp import signals
+
+    previous = signal.getsignal(TIME_LIMIT_SIGNAL)
+    _JOB.clear()
+    _JOB.update({"requeue": previous, "time_limit": False})
+    signals.install()
+    stop = signal.getsignal(signal.SIGTERM)  # dilexp's handler, just installed
+
+    def time_limit(signum: int, frame: Any) -> None:
+        _JOB["time_limit"] = True
+        if callable(stop):
+            stop(signum, frame)
+
+    signal.signal(TIME_LIMIT_SIGNAL, time_limit)
+
+
+def requeue_after_time_limit(run_dir: Path) -> None:
+    """After a job stopped for its time limit: submitit's requeue, the job resuming from its checkpoint.
+
+    submitit's handler requeues the job when ``max_num_timeout`` allows and then exits the
+    process; otherwise it raises, and the job stays ``interrupted`` for a ``+resume=true``.
+    A job that finished before the signal could stop it is not requeued.
+    """
+    from dilexp.telemetry.record import read_summary
+
+    requeue = _JOB.get("requeue")
+    if not _JOB.get("time_limit") or not callable(requeue):
+        return
+    if (read_summary(run_dir) or {}).get("status") != "interrupted":
+        return
+    delayed = getattr(getattr(requeue, "__self__", None), "_delayed", None)
+    args = getattr(delayed, "args", None)
+    if not args or not isinstance(args[0], list):
+        log.warning("submitit's job is not as expected: not requeued")
+        return
+    from dilexp.sweep import override_items
+
+    if "resume" not in override_items(args[0]):
+        args[0].append("+resume=true")
+    # The job is over: the time-limit notice again, or SLURM's SIGTERM as it requeues, change nothing.
+    for sig in (TIME_LIMIT_SIGNAL, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        requeue(int(TIME_LIMIT_SIGNAL), None)
+    except Exception as e:  # noqa: BLE001 - submitit's "not requeued because ...": the job stays interrupted
+        print(f"dilexp: not requeued ({e}); resume the sweep with +resume=true", file=sys.stderr, flush=True)
+
+
 class SlurmPreflight(Callback):
     """Hydra callback (launcher=slurm): GPUs from the hardware, sbatch's refusals as one line."""
 
@@ -189,3 +262,11 @@ class SlurmPreflight(Callback):
             sys.exit(2)
         if not accounting_enabled():
             use_squeue_watcher()
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if in_submitit_job():
+            take_over_signals()
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if in_submitit_job():
+            requeue_after_time_limit(Path(str(config.hydra.runtime.output_dir)))

@@ -1,16 +1,21 @@
-"""launcher=slurm against a real one-node SLURM (tests/slurm/start.sh), and its preflight checks.
+"""launcher=slurm against a real one-node SLURM (tests/slurm/start.sh): a sweep as a job array,
+requests the cluster cannot meet, a job stopped by scancel or by its time limit and continued
+from its checkpoint; and the preflight's rules without a cluster.
 
 The cluster fixture starts munged, slurmctld and slurmd as root for this module and stops them at
 the end; where that cannot be done (not root, no slurm-wlm/munge packages: .ci/run installs them)
-the cluster tests skip and say why. The preflight unit tests need no cluster.
+the cluster tests skip and say why.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,7 +58,7 @@ def slurm() -> Iterator[dict[str, str]]:
     env = {"DILEXP_SLURM_PORT": str(_free_port_pair())}
     try:
         proc = subprocess.run(["bash", str(SCRIPTS / "start.sh"), str(folder)], capture_output=True, text=True,
-                              timeout=120, env={**_base_env(), **env})
+                              timeout=120, env={**os.environ, **env})
         if proc.returncode == 3:
             pytest.skip(proc.stderr.strip().splitlines()[-1])
         assert proc.returncode == 0, f"SLURM did not start:\n{proc.stderr[-3000:]}\n{_logs(folder)}"
@@ -61,12 +66,6 @@ def slurm() -> Iterator[dict[str, str]]:
     finally:
         subprocess.run(["bash", str(SCRIPTS / "stop.sh"), str(folder)], capture_output=True, timeout=120)
         shutil.rmtree(folder, ignore_errors=True)
-
-
-def _base_env() -> dict[str, str]:
-    import os
-
-    return dict(os.environ)
 
 
 def _logs(folder: Path) -> str:
@@ -117,11 +116,10 @@ def test_sweep_runs_as_slurm_jobs(slurm: dict[str, str], dilexp_cli, tmp_path: P
 @pytest.mark.parametrize(("overrides", "says"), [
     # The issue's case: a GPU asked of a cluster without GPUs.
     (["hydra.launcher.gpus_per_node=1"], "set hydra.launcher.gpus_per_node=0"),
-    (["hardware=gpu"], "set hydra.launcher.gpus_per_node=0"),
-    # conf/launcher/slurm.yaml's defaults (8 CPUs, 64 GB) on a small node.
+    # conf/launcher/slurm.yaml's default of 8 CPUs on a small node.
     (["hydra.launcher.cpus_per_task=8"], "hydra.launcher.cpus_per_task=8"),
-    (["hydra.launcher.mem_gb=100000"], "hydra.launcher.mem_gb=100000"),
     (["hydra.launcher.partition=nosuch"], "hydra.launcher.partition=nosuch"),
+    # (hardware=gpu and mem_gb: the same sinfo checks, in the unit tests below.)
 ])
 def test_a_request_the_cluster_cannot_meet_is_one_line(slurm: dict[str, str], dilexp_cli, tmp_path: Path,
                                                       overrides: list[str], says: str) -> None:
@@ -135,8 +133,115 @@ def test_a_request_the_cluster_cannot_meet_is_one_line(slurm: dict[str, str], di
     assert not sweep.exists()
     # Nothing was submitted.
     queue = subprocess.run(["squeue", "--noheader", "--states=all"], capture_output=True, text=True,
-                           env={**_base_env(), **slurm})
+                           env={**os.environ, **slurm})
     assert "sweep" not in queue.stdout
+
+
+# -- preemption and the time limit: interrupted with a checkpoint, then continued -----------------
+
+# Long enough to be caught mid-run (150 steps of 20-100 ms after a few seconds of start-up), with a
+# checkpoint every 10 steps.
+LONG = ["task.max_steps=150", "data.seq_len=32", "task.log_every_n_steps=10", "task.val_every_n_steps=150",
+        "task.val_batches=1", "logger=csv", "task.checkpoint_every_n_steps=10"]
+LAST_CKPT = Path("checkpoints") / "last.ckpt"
+
+
+def _start_sweep(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`python -m dilexp ARGS` in the background (tests/conftest.py's run_dilexp waits for it)."""
+    e = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "0",
+         "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **env}
+    return subprocess.Popen([sys.executable, "-m", "dilexp", *args], cwd=cwd, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        if proc.poll() is not None:
+            pytest.fail(f"the sweep ended before {path} was written:\n{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"no {path} after {timeout} s")
+        time.sleep(0.1)
+
+
+def _slurm_job(sweep: Path, num: int) -> str:
+    """The SLURM id of a sweep's job (``<array>_<task>``, or ``<id>`` for a one-job sweep): Hydra's record."""
+    from omegaconf import OmegaConf
+
+    return str(OmegaConf.load(sweep / str(num) / ".hydra" / "hydra.yaml").hydra.job.id)
+
+
+def _scancel(signal_name: str, job: str, env: dict[str, str]) -> None:
+    # Without --batch/--full scancel signals the job's steps: submitit's `srun python ...`.
+    subprocess.run(["scancel", f"--signal={signal_name}", job], check=True, env={**os.environ, **env})
+
+
+@pytest.mark.slow
+def test_scancel_term_interrupts_a_job_and_resume_continues_it(slurm: dict[str, str], tmp_path: Path,
+                                                               dilexp_cli) -> None:
+    sweep = tmp_path / "sweep"
+    args = ["-m", "launcher=slurm", *FITS, "attention=sdpa,dilated", *LONG, f"hydra.sweep.dir={sweep}"]
+    proc = _start_sweep(args, tmp_path, slurm)
+    _wait_for(sweep / "0" / LAST_CKPT, proc, timeout=120)
+    _scancel("TERM", _slurm_job(sweep, 0), slurm)
+    _, err = proc.communicate(timeout=180)
+    # The sweep goes on: job 1 completes, job 0 is recorded as stopped, and the resume command is printed.
+    assert proc.returncode == 0, err[-4000:]
+    assert "+resume=true" in err
+
+    stopped = json.loads((sweep / "0" / "summary.json").read_text())
+    assert stopped["status"] == "interrupted", stopped.get("error")
+    assert stopped["interrupted"]["signal"] == "SIGTERM"
+    step = stopped["interrupted"]["step"]
+    assert 10 <= step < 150 and stopped["interrupted"]["checkpoint"]
+    index = _index(sweep)
+    assert {j["folder"]: j["status"] for j in index["jobs"]} == {"0": "interrupted", "1": "completed"}
+
+    proc2 = dilexp_cli([*args[:-1], f"hydra.sweep.dir={sweep}", "+resume=true"], cwd=tmp_path, env=slurm,
+                       timeout=240)
+    assert proc2.returncode == 0, proc2.stderr[-4000:]
+    resumed = json.loads((sweep / "0" / "summary.json").read_text())
+    assert resumed["status"] == "completed"
+    # It continued from the checkpoint the stop wrote, not from step 0.
+    assert resumed["resumed"]["step"] == step
+    index = _index(sweep)
+    assert {j["folder"]: (j["status"], j["kept"]) for j in index["jobs"]} == {
+        "0": ("completed", False), "1": ("completed", True)}
+    assert "2 jobs: 1 completed, 1 kept" in proc2.stderr
+
+
+@pytest.mark.slow
+def test_a_job_at_its_time_limit_is_requeued_and_continues(slurm: dict[str, str], tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    # timeout_min=1: submitit then takes any time-limit signal as a time-out. SLURM itself sends
+    # SIGUSR2 signal_delay_s before the limit; the test sends that signal once the job has a
+    # checkpoint instead of waiting for SLURM's 30-second timer. signal_delay_s=5 keeps SLURM's own
+    # notice out of the requeued run's way.
+    args = ["-m", "launcher=slurm", *FITS, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=5",
+            "hydra.launcher.max_num_timeout=1", "attention=sdpa", *LONG, f"hydra.sweep.dir={sweep}"]
+    proc = _start_sweep(args, tmp_path, slurm)
+    _wait_for(sweep / "0" / LAST_CKPT, proc, timeout=120)
+    job = _slurm_job(sweep, 0)
+    _scancel("USR2", job, slurm)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 0, err[-4000:]
+
+    # The first run stopped at a step end with a checkpoint, and submitit requeued the job ...
+    log = "".join(p.read_text() for p in sorted((sweep / ".submitit").rglob("*_0_log.*")))
+    stopped = re.search(r"interrupted by SIGUSR2 at step (\d+); checkpoint", log)
+    assert stopped and "Requeued job" in log, log[-3000:]
+    assert "Traceback" not in log
+    # ... which ran again in the same folder, from that checkpoint, to the end.
+    summary = json.loads((sweep / "0" / "summary.json").read_text())
+    assert summary["status"] == "completed", summary.get("error")
+    assert summary["resumed"]["step"] == int(stopped.group(1)) > 0
+    assert "+resume=true" in summary["overrides"]
+    index = _index(sweep)
+    assert [(j["folder"], j["status"]) for j in index["jobs"]] == [("0", "completed")]
+    assert "1 jobs: 1 completed" in err
 
 
 # -- the preflight's rules, without a cluster ------------------------------------------------
