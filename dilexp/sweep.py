@@ -465,10 +465,14 @@ def finish_interrupted_sweep(stop: Any) -> None:
         index = rebuild_index(sweep_dir, finished=True)
         ran = [j for j in index["jobs"] if j.get("last_run")]
         planned = _ACTIVE.get("planned")
-        not_run = None if planned is None else [
+        # launcher=slurm has submitted every job: they run on without this command.
+        go_on = index.get("launcher") == "SlurmLauncher"
+        not_run = None if planned is None or go_on else [
             p for p in planned if not any(same_job(j.get("overrides") or [], p, None) for j in ran)]
         index["interrupted"] = {"signal": signals.signal_name(stop.signum), "at": _now(),
                                 "job": os.path.relpath(job, sweep_dir) if job is not None else None}
+        if go_on:
+            index["interrupted"]["jobs_go_on"] = True
         index["not_run"] = not_run
         with _locked(sweep_dir):
             write_json_atomic(sweep_dir / INDEX, index)
@@ -578,8 +582,12 @@ def print_sweep_summary(index: dict[str, Any], sweep_dir: Path, max_rows: int = 
     stopped = index.get("interrupted")
     if stopped:
         left = index.get("not_run")
-        say(f"interrupted by {stopped['signal']}: " + (f"{len(left)} jobs did not run (not_run in {INDEX})"
-                                                        if left is not None else "the jobs left did not run"))
+        if stopped.get("jobs_go_on"):
+            say(f"interrupted by {stopped['signal']}: the submitted SLURM jobs go on (squeue); once they end, "
+                "the resume command below finishes the sweep")
+        else:
+            say(f"interrupted by {stopped['signal']}: " + (f"{len(left)} jobs did not run (not_run in {INDEX})"
+                                                            if left is not None else "the jobs left did not run"))
     for j in bad:
         if j.get("error"):
             say(f"  job {j.get('num')}: {str(j['error'])[:200]}")
