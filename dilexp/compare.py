@@ -34,12 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dilexp.metrics import canonical, canonical_row, label
 from dilexp.sweep import RUN_CONTROL, override_items
 from dilexp.telemetry.record import SUMMARY
 
 TRAIN_METRICS = ("perf/step_ms_median", "perf/tokens_per_s_median", "memory/peak_allocated_mb|memory/peak_rss_mb",
                  "cache/hit_rate", "val/loss")
-BENCH_METRICS = ("median_ms", "tflops", "speedup_vs_sdpa", "peak_alloc_mb", "cache_hit_rate")
+BENCH_METRICS = ("median_ms", "tflops", "speedup_vs_sdpa", "peak_alloc_mb", "cache/hit_rate")
 # What identifies a bench case inside a run (the rest of a row is measurement).
 CASE_KEYS = ("target", "variant", "role", "op", "seq_len", "batch", "heads", "head_dim", "dtype", "mode", "causal",
              "compare_to")
@@ -244,7 +245,7 @@ def _records(runs: list[Run], kind: str, bench_rows: str) -> list[_Record]:
         if not is_bench or not run.bench:
             out.append(_Record(dict(run.settings), run.status, run.metrics, {}, run.path, run.error, done))
             continue
-        for row in run.bench:
+        for row in map(canonical_row, run.bench):  # records from before bench rows took training's names
             if bench_rows == "main" and row.get("role") not in (None, "main"):
                 continue
             case = {k: str(row[k]) for k in CASE_KEYS if row.get(k) is not None}
@@ -304,7 +305,7 @@ def expand_metrics(specs: Sequence[str], runs: list[Run], kind: str, bench_rows:
         available.update(k for k, v in rec.metrics.items() if _num(v) is not None)
     out: list[str] = []
     for spec in specs:
-        alts = [a.strip() for a in spec.split("|") if a.strip()]
+        alts = [canonical(a.strip()) for a in spec.split("|") if a.strip()]
         if len(alts) == 1 and any(ch in alts[0] for ch in "*?["):
             # Natural order: val/acc_dist/2-3 before val/acc_dist/16-31.
             matched = sorted(fnmatch.filter(available, alts[0]), key=_natural_key)
@@ -404,14 +405,6 @@ def bootstrap_ratio(a: Sequence[float], b: Sequence[float], n_boot: int = 2000, 
 # -- output ----------------------------------------------------------------------------------
 
 
-# Short column titles for people (md and terminal); CSV keeps the metric keys.
-LABELS = {
-    "perf/step_ms_median": "step ms", "perf/tokens_per_s_median": "tok/s", "perf/tflops_median": "TFLOP/s",
-    "memory/peak_allocated_mb": "peak alloc MB", "memory/peak_reserved_mb": "peak reserved MB",
-    "memory/peak_rss_mb": "peak RSS MB", "cache/hit_rate": "cache hit", "val/loss": "val loss",
-    "median_ms": "median ms", "tflops": "TFLOP/s", "speedup_vs_sdpa": "speedup vs sdpa",
-    "speedup_vs_compare": "speedup vs compare", "peak_alloc_mb": "peak MB", "cache_hit_rate": "cache hit",
-}
 
 
 @dataclass
@@ -430,7 +423,8 @@ class Table:
         if any(r.n > 1 for r in self.rows):
             cols.append(("n", "n"))
         cols += [(k, k) for k in self.keys]
-        cols += [(m, LABELS.get(m, m)) for m in self.metrics]
+        # Short titles for people (md and terminal); CSV keeps the metric keys.
+        cols += [(m, label(m)) for m in self.metrics]
         if self.ratio_of:
             cols.append(("ratio", "ratio"))
             if any(r.ci for r in self.rows):

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dilexp.compare import LABELS, CompareError, Row, Run, _fmt, _match_key, _num, build_rows, varying_keys
+from dilexp.compare import CompareError, Row, Run, _fmt, _match_key, _num, build_rows, varying_keys
+from dilexp.metrics import label
 
 DEFAULT_X = "perf/tokens_per_s_median"
 DEFAULT_Y = "val/acc"
@@ -158,7 +159,7 @@ def build_frontier(runs: list[Run], x: str = DEFAULT_X, y: str = DEFAULT_Y, maxi
 
 
 def _title(key: str) -> str:
-    return LABELS.get(key, key)
+    return label(key)
 
 
 def _direction(up: bool) -> str:

@@ -263,7 +263,8 @@ def check_output_folder(argv: list[str]) -> None:
     if any(a in ("-h", "--help", "--hydra-help", "--info", "-c", "--cfg", "--resolve", "-p", "--package")
            or a.startswith(("--cfg", "--info", "--shell-completion", "-sc")) for a in argv):
         return
-    given = {k: v for k, _, v in (a.partition("=") for a in argv) if k in ("hydra.run.dir", "hydra.sweep.dir")}
+    given = {k.lstrip("+"): v for k, _, v in (a.partition("=") for a in argv)
+             if k.lstrip("+") in ("hydra.run.dir", "hydra.sweep.dir")}
     targets = given or {"hydra.run.dir": "outputs"}
     for key, value in targets.items():
         path = os.path.abspath(os.path.expanduser(value.split("${", 1)[0] or "."))

@@ -8,7 +8,8 @@ SIGUSR1 is what clusters are often told to send ahead of a time limit. Each of t
 - while a training loop is running (:func:`graceful` is active), is only noted: the training
   callback (dilexp/resume.py) stops at the end of the current step, writes ``last.ckpt`` and
   raises :class:`Interrupted` there, so the checkpoint holds a whole step. A second signal
-  while that is pending stops at once.
+  while that is pending stops at once (the same one repeated within a second is one stop
+  delivered twice: Ctrl-C reaches every process of the group, and parents forward it too).
 
 The handlers stay installed for the whole process (:func:`install`, from ``main``), so a
 signal that arrives between two jobs of a sweep is handled too. The process then exits with
@@ -23,10 +24,13 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
+# A repeat of the first signal within this many seconds is the same stop, not a second one.
+DUPLICATE_S = 1.0
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
@@ -51,6 +55,8 @@ class _State:
     trainer: Any = None
     # The last completed training step, for the record of a stop outside the loop.
     step: int | None = None
+    # When the first signal came (time.monotonic()).
+    at: float = 0.0
 
 
 _STATE = _State()
@@ -83,7 +89,7 @@ def note_step(step: int) -> None:
 
 def reset() -> None:
     """Forget a handled signal (tests; a sweep stops after one anyway)."""
-    _STATE.signum, _STATE.trainer, _STATE.step = None, None, None
+    _STATE.signum, _STATE.trainer, _STATE.step, _STATE.at = None, None, None, 0.0
 
 
 def graceful(trainer: Any) -> None:
@@ -99,7 +105,11 @@ def abrupt() -> None:
 def _handler(signum: int, frame: FrameType | None) -> None:
     first = _STATE.signum is None
     if first:
-        _STATE.signum = int(signum)
+        _STATE.signum, _STATE.at = int(signum), time.monotonic()
+    elif int(signum) == _STATE.signum and time.monotonic() - _STATE.at < DUPLICATE_S:
+        # The same signal twice at once is one stop delivered two ways (Ctrl-C reaches the whole
+        # process group, and a parent forwards it too), not a user insisting.
+        return
     trainer = _STATE.trainer
     if trainer is not None and first:
         # Lightning's own SIGTERM handler ran before us and set its flag: our step end decides.

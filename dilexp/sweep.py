@@ -16,168 +16,52 @@ conf/config.yaml wires this module into Hydra:
 Importing this module registers the resolvers; Hydra imports it when it instantiates the
 callback, which happens before it resolves any folder (in the submitting process and, with
 submitit, in each job's process when the pickled callback is loaded).
+
+Job identity and folders live in ``dilexp.sweep_jobs``, the headline figures and the
+end-of-sweep table in ``dilexp.sweep_table``; their public names are re-exported here.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import math
 import os
 import secrets
 import shlex
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from dilexp.sweep_jobs import (  # noqa: F401  (re-exported: the sweep's public names stay here)
+    INDEX,
+    RUN_CONTROL,
+    find_job_folder,
+    job_folders,
+    job_record,
+    load_index,
+    override_items,
+    same_job,
+    status_counts,
+    sweep_axes,
+    swept_keys,
+    truthy,
+)
+from dilexp.sweep_table import HEADLINE, headline, print_sweep_summary, resume_command  # noqa: F401
 from dilexp.telemetry.record import SUMMARY, read_summary, write_json_atomic
 
 log = logging.getLogger(__name__)
 
-INDEX = "sweep.json"
-# Overrides that steer how a sweep runs, not what a job computes: never part of a job's identity.
-RUN_CONTROL = frozenset({"resume"})
-# Figures worth a glance in the index and the end-of-sweep table (the rest: dilexp.compare).
-HEADLINE = (
-    "val/loss", "perf/step_ms_median", "perf/tokens_per_s_median", "cache/hit_rate",
-    "memory/peak_allocated_mb", "memory/peak_rss_mb",
-    "bench/cases_ok", "bench/cases_oom", "bench/cases_error",
-)
 # Jobs kept by resume in this process, so on_job_end (same process as the job) can say so.
 _KEPT: set[str] = set()
 # The sweep this process is running (set when it starts), its planned jobs (the basic sweeper's
 # grid, as override lists) and the job now running: what an interrupted sweep records.
 _ACTIVE: dict[str, Any] = {}
 
-
-# -- overrides and job identity --------------------------------------------------------------
-
-
-def override_items(overrides: Iterable[str]) -> dict[str, str]:
-    """``key -> value`` of Hydra's per-job override strings.
-
-    The ``+``/``++`` prefixes say how a key got into the config, not what the job computes,
-    so ``+x=1`` and ``x=1`` are one setting; a deletion keeps its ``~``.
-    """
-    out: dict[str, str] = {}
-    for item in overrides:
-        key, _, value = str(item).partition("=")
-        if not key.startswith("~"):
-            key = key.lstrip("+")
-        out[key] = value
-    return out
-
-
-def swept_keys(raw_overrides: Iterable[str]) -> set[str] | None:
-    """Keys a command line sweeps over (``a=1,2``, ``range(..)``, ``interval(..)``); None if unparsable."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    try:
-        parsed = OverridesParser.create().parse_overrides([str(o) for o in raw_overrides])
-    except Exception:  # noqa: BLE001 - unknown sweep: identity falls back to strict matching
-        return None
-    keys = set()
-    for o in parsed:
-        if o.is_sweep_override():
-            keys.add(o.key_or_group + (f"@{o.package}" if o.package else ""))
-    return keys
-
-
-def same_job(old: Iterable[str], new: Iterable[str], swept: set[str] | None) -> bool:
-    """Whether a job that ran with ``old`` overrides is the job ``new`` asks for.
-
-    Every setting of the old job must be there with the same value. A key the old job did
-    not have is tolerated when it is a single value on the new command line (not a sweep
-    axis): that is how a resume passes a fix (``task.batch_size=4`` for the job that ran out
-    of memory) without making every completed job look new. A new sweep axis is never
-    tolerated: each of its values is a different job. ``swept=None`` (unknown) is strict.
-    """
-    a = {k: v for k, v in override_items(old).items() if k not in RUN_CONTROL}
-    b = {k: v for k, v in override_items(new).items() if k not in RUN_CONTROL}
-    if any(b.get(k) != v for k, v in a.items()):
-        return False
-    extra = b.keys() - a.keys()
-    if swept is None:
-        return not extra
-    return not (extra & swept)
-
-
-def _truthy(value: Any) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
-
-
-def job_record(folder: Path) -> tuple[str | None, list[str] | None]:
-    """(status, overrides) of a job folder: summary.json first, else Hydra's overrides.yaml."""
-    summary = read_summary(folder)
-    if summary is not None and isinstance(summary.get("overrides"), list):
-        return str(summary.get("status")), [str(o) for o in summary["overrides"]]
-    hydra_overrides = folder / ".hydra" / "overrides.yaml"
-    if hydra_overrides.is_file():
-        try:
-            return None, [str(o) for o in OmegaConf.load(hydra_overrides)]
-        except Exception:  # noqa: BLE001 - a torn file is a folder without a record
-            return None, None
-    return None, None
-
-
-def job_folders(sweep_dir: Path) -> list[Path]:
-    """Job folders of a sweep: sub-folders with a run record or Hydra's overrides."""
-    if not sweep_dir.is_dir():
-        return []
-    found = [p for p in sweep_dir.iterdir()
-             if p.is_dir() and not p.name.startswith(".")
-             and ((p / SUMMARY).is_file() or (p / ".hydra" / "overrides.yaml").is_file())]
-    return sorted(found, key=_folder_order)
-
-
-def _folder_order(p: Path) -> tuple[int, int, str]:
-    head, _, tail = p.name.partition("_")
-    if head.isdigit():
-        return int(head), int(tail) if tail.isdigit() else 0, p.name
-    return sys.maxsize, 0, p.name
-
-
-def load_index(sweep_dir: Path) -> dict[str, Any]:
-    try:
-        data = json.loads((sweep_dir / INDEX).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _sweep_axes(sweep_dir: Path) -> set[str] | None:
-    raw = load_index(sweep_dir).get("overrides")
-    return swept_keys(raw) if isinstance(raw, list) else None
-
-
-def find_job_folder(sweep_dir: Path, num: int | str, overrides: list[str], resume: bool) -> tuple[str, bool]:
-    """(folder name, kept) for one job of a sweep; kept means: completed earlier, do not run.
-
-    The folder is normally the job number. A resume looks for a completed job with the same
-    overrides wherever it is (job numbers move when a sweep's lists change). A folder that
-    holds a different job is never reused: the job gets ``<num>_1``, ``<num>_2``, ...
-    """
-    axes = _sweep_axes(sweep_dir)
-    own = str(num)
-    if resume:
-        candidates = [sweep_dir / own, *(p for p in job_folders(sweep_dir) if p.name != own)]
-        for folder in candidates:
-            status, old = job_record(folder)
-            if status == "completed" and old is not None and same_job(old, overrides, axes):
-                return folder.name, True
-    name, k = own, 0
-    while True:
-        _, old = job_record(sweep_dir / name)
-        if old is None or same_job(old, overrides, axes):
-            return name, False
-        k += 1
-        name = f"{own}_{k}"
 
 
 def _is_multirun(root: DictConfig) -> bool:
@@ -188,13 +72,13 @@ def _is_multirun(root: DictConfig) -> bool:
 
 def _resolve_job_subdir(num: Any, *, _root_: DictConfig) -> str:
     overrides = [str(o) for o in _root_.hydra.overrides.task]
-    name, _ = find_job_folder(Path(str(_root_.hydra.sweep.dir)), num, overrides, _truthy(_root_.get("resume")))
+    name, _ = find_job_folder(Path(str(_root_.hydra.sweep.dir)), num, overrides, truthy(_root_.get("resume")))
     return name
 
 
 def _resolve_hydra_subdir(*, _root_: DictConfig) -> str | None:
     # None tells Hydra not to write .hydra/ at all: a kept job's record stays as it ran.
-    if not _is_multirun(_root_) or not _truthy(_root_.get("resume")):
+    if not _is_multirun(_root_) or not truthy(_root_.get("resume")):
         return ".hydra"
     overrides = [str(o) for o in _root_.hydra.overrides.task]
     _, kept = find_job_folder(Path(str(_root_.hydra.sweep.dir)), _root_.hydra.job.num, overrides, True)
@@ -222,7 +106,7 @@ def kept_result(run_dir: Path, sweep_dir: Path | None, overrides: list[str]) -> 
     summary = read_summary(run_dir)
     if summary is None or summary.get("status") != "completed":
         return None
-    axes = _sweep_axes(sweep_dir) if sweep_dir is not None else None
+    axes = sweep_axes(sweep_dir) if sweep_dir is not None else None
     if not same_job([str(o) for o in summary.get("overrides") or []], overrides, axes):
         return None
     _KEPT.add(str(Path(run_dir).resolve()))
@@ -254,14 +138,6 @@ def objective(cfg: DictConfig, result: dict[str, Any] | None) -> float | None:
 
 # -- the index -------------------------------------------------------------------------------
 
-
-def headline(metrics: dict[str, Any] | None) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for key in HEADLINE:
-        v = (metrics or {}).get(key)
-        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-            out[key] = float(v)
-    return out
 
 
 def job_entry(folder: Path, sweep_dir: Path) -> dict[str, Any]:
@@ -305,13 +181,6 @@ def _locked(sweep_dir: Path) -> Iterator[None]:
         yield
 
 
-def _counts(jobs: list[dict[str, Any]]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for j in jobs:
-        out[j["status"]] = out.get(j["status"], 0) + 1
-    out["kept"] = sum(bool(j.get("kept")) for j in jobs)
-    return out
-
 
 def _upsert(index: dict[str, Any], entry: dict[str, Any]) -> None:
     jobs = index.setdefault("jobs", [])
@@ -343,7 +212,7 @@ def rebuild_index(sweep_dir: Path, finished: bool = False) -> dict[str, Any]:
             entry.setdefault("kept", False)
             jobs.append(entry)
         index["jobs"] = jobs
-        index["counts"] = _counts([j for j in jobs if j["last_run"]])
+        index["counts"] = status_counts([j for j in jobs if j["last_run"]])
         if finished:
             index["finished_at"] = _now()
         write_json_atomic(sweep_dir / INDEX, index)
@@ -366,7 +235,7 @@ class SweepIndex(Callback):
                 "sweep_dir": str(sweep_dir),
                 "command": _command_line(),
                 "overrides": overrides,
-                "resume": any(k == "resume" and _truthy(v) for k, v in override_items(overrides).items()),
+                "resume": any(k == "resume" and truthy(v) for k, v in override_items(overrides).items()),
                 "sweeper": _target_name(config.hydra.get("sweeper")),
                 "launcher": _target_name(config.hydra.get("launcher")),
                 "started_at": _now(),
@@ -401,7 +270,7 @@ class SweepIndex(Callback):
             with _locked(sweep_dir):
                 index = load_index(sweep_dir)
                 _upsert(index, entry)
-                index["counts"] = _counts([j for j in index["jobs"] if j.get("last_run")])
+                index["counts"] = status_counts([j for j in index["jobs"] if j.get("last_run")])
                 write_json_atomic(sweep_dir / INDEX, index)
         except Exception as e:  # noqa: BLE001 - bookkeeping must never fail a job
             log.warning("sweep index: could not record the job (%s: %s)", type(e).__name__, e)
@@ -500,102 +369,3 @@ def _job_failed(job_return: Any) -> bool:
 def _target_name(node: Any) -> str | None:
     target = node.get("_target_") if node is not None else None
     return str(target).rsplit(".", 1)[-1] if target else None
-
-
-# -- the end-of-sweep table ------------------------------------------------------------------
-
-
-def _fmt(value: float) -> str:
-    if value == 0 or 1e-3 <= abs(value) < 1e5:
-        return f"{value:.4g}"
-    return f"{value:.3e}"
-
-
-def _varying(jobs: list[dict[str, Any]]) -> list[str]:
-    """Override keys whose value differs between jobs: the rest says nothing about a row."""
-    items = [override_items(j.get("overrides") or []) for j in jobs]
-    keys: list[str] = []
-    for it in items:
-        keys.extend(k for k in it if k not in keys and k not in RUN_CONTROL)
-    return [k for k in keys if len({it.get(k) for it in items}) > 1]
-
-
-def resume_command(index: dict[str, Any], sweep_dir: Path) -> str:
-    raw = [o for o in index.get("overrides", []) if override_items([o]).keys() != {"resume"}]
-    raw = [o for o in raw if not o.startswith("hydra.sweep.dir=")]
-    args = ["python", "-m", "dilexp", "-m", *raw, f"hydra.sweep.dir={sweep_dir}", "+resume=true"]
-    return " ".join(shlex.quote(a) for a in args)
-
-
-# Short column titles for the end-of-sweep table.
-_LABELS = {
-    "val/loss": "val loss", "perf/step_ms_median": "step ms", "perf/tokens_per_s_median": "tok/s",
-    "cache/hit_rate": "cache hit", "memory/peak_allocated_mb": "peak MB", "memory/peak_rss_mb": "peak RSS MB",
-    "bench/cases_ok": "cases ok", "bench/cases_oom": "oom", "bench/cases_error": "errors",
-}
-
-
-def print_sweep_summary(index: dict[str, Any], sweep_dir: Path, max_rows: int = 24) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    jobs = [j for j in index.get("jobs", []) if j.get("last_run")] or list(index.get("jobs", []))
-    counts = _counts(jobs)
-    bad = [j for j in jobs if j["status"] != "completed"]
-    good = [j for j in jobs if j["status"] == "completed"]
-    # Failures always make the screen; completed jobs fill what is left.
-    shown = sorted(bad + good[: max(0, max_rows - len(bad))], key=lambda j: (j.get("num") is None, j.get("num")))
-    varying = _varying(jobs)
-    metric_keys = [k for k in HEADLINE if any(k in (j.get("metrics") or {}) for j in shown)][:3]
-
-    table = Table(title=f"sweep {sweep_dir}", title_justify="left")
-    table.add_column("#", justify="right")
-    table.add_column("status", no_wrap=True)
-    for k in varying:
-        table.add_column(k, overflow="fold")
-    if not varying:
-        table.add_column("overrides", overflow="fold")
-    for k in metric_keys:
-        table.add_column(_LABELS.get(k, k), justify="right")
-    table.add_column("folder", overflow="fold")
-    style = {"completed": "green", "failed": "bold red"}
-    for j in shown:
-        items = override_items(j.get("overrides") or [])
-        settings = [items.get(k, "-") for k in varying] or [" ".join(j.get("overrides") or [])]
-        status = j["status"] + (" (kept)" if j.get("kept") else "")
-        cells = [_fmt(j["metrics"][k]) if k in (j.get("metrics") or {}) else "-" for k in metric_keys]
-        table.add_row(str(j.get("num", "?")), f"[{style.get(j['status'], 'yellow')}]{status}[/]", *settings,
-                      *cells, j["folder"])
-    console = Console(stderr=True)
-    console.print(table)
-    if len(shown) < len(jobs):
-        console.print(f"... {len(jobs) - len(shown)} more completed jobs in {sweep_dir / INDEX}")
-    ran = counts.get("completed", 0) - counts.get("kept", 0)
-    line = f"{len(jobs)} jobs: {ran} completed" + (f", {counts['kept']} kept from an earlier run"
-                                                    if counts.get("kept") else "")
-    for status in sorted(set(counts) - {"completed", "kept"}):
-        line += f", {counts[status]} {status}"
-    def say(text: str) -> None:
-        console.print(text, highlight=False, markup=False, soft_wrap=True)
-
-    say(line)
-    stopped = index.get("interrupted")
-    if stopped:
-        left = index.get("not_run")
-        if stopped.get("jobs_go_on"):
-            say(f"interrupted by {stopped['signal']}: the submitted SLURM jobs go on (squeue); once they end, "
-                "the resume command below finishes the sweep")
-        else:
-            say(f"interrupted by {stopped['signal']}: " + (f"{len(left)} jobs did not run (not_run in {INDEX})"
-                                                            if left is not None else "the jobs left did not run"))
-    for j in bad:
-        if j.get("error"):
-            say(f"  job {j.get('num')}: {str(j['error'])[:200]}")
-    say(f"index:   {sweep_dir / INDEX}")
-    say(f"compare: python -m dilexp.compare {sweep_dir}")
-    if bad or stopped:
-        say(f"resume:  {resume_command(index, sweep_dir)}")
-    if any(sweep_dir.glob("*/wandb/offline-run-*")):
-        say(f"W&B:     wandb sync {sweep_dir}/*/wandb/offline-run-*")
-    if (sweep_dir / "optimization_results.yaml").is_file():
-        say(f"optuna:  {sweep_dir / 'optimization_results.yaml'}")

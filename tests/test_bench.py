@@ -12,11 +12,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from dilexp.bench import cases as bench_cases
 from dilexp.bench.flops import FWD_BWD_FACTOR, attention_flops, model_flops
 from dilexp.bench.timing import Candidate, is_oom, run_interleaved, spread
 from dilexp.cache import reset_global_cache
 from dilexp.errors import ConfigError
-from dilexp.tasks import bench as bench_task
 from dilexp.tasks.bench import PreparedBench, read_settings, run_bench
 from dilexp.tasks.context import JobContext
 from dilexp.telemetry.record import RunRecord
@@ -212,7 +212,7 @@ def test_cli_run_leaves_csv_summary_and_sdpa_ratio(dilexp_cli, tmp_path: Path) -
     assert got == {("matmul", "reference", 128), ("dilated", "main", 128), ("sdpa", "sdpa", 128),
                    ("dilated", "main", 256), ("sdpa", "sdpa", 256)}
     for col in ("status", "median_ms", "p25_ms", "p75_ms", "min_ms", "times_ms", "flops", "tflops",
-                "speedup_vs_sdpa", "peak_alloc_mb", "peak_alloc_source", "cache_hit_rate", "pool_requests"):
+                "speedup_vs_sdpa", "peak_alloc_mb", "peak_alloc_source", "cache/hit_rate", "memory/pool_requests"):
         assert col in rows[0], col
     for r in rows:
         assert r["status"] == "ok", r
@@ -251,14 +251,14 @@ def test_cli_bad_bench_setting_exits_2(dilexp_cli, tmp_path: Path) -> None:
 @pytest.mark.parametrize("exc", [torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB"),
                                  ValueError("kernel cannot take this shape")])
 def test_failures_are_rows_and_the_run_goes_on(compose_cfg, tmp_path: Path, monkeypatch, exc: Exception) -> None:
-    real = bench_task.attention_step
+    real = bench_cases.attention_step
 
     def failing(attn, *args, **kwargs):
         if attn.name == "dilated":
             raise exc
         return real(attn, *args, **kwargs)
 
-    monkeypatch.setattr(bench_task, "attention_step", failing)
+    monkeypatch.setattr(bench_cases, "attention_step", failing)
     result = run_in_process(compose_cfg, tmp_path, ["attention=dilated", "bench.compare_to=improved"])
     rows = {(r["variant"], r["seq_len"]): r for r in result["bench"]}
     want = "oom" if isinstance(exc, torch.OutOfMemoryError) else "error"
@@ -299,11 +299,11 @@ def test_cache_target(compose_cfg, tmp_path: Path, strategy: str) -> None:
     hit = next(r for r in rows if r["op"] == "hit")
     miss = next(r for r in rows if r["op"] == "miss")
     if strategy == "none":
-        assert hit["cache_hits"] == 0
+        assert hit["cache/hits"] == 0
     else:
         # Every timed call of the hit batch is a hit; the miss batch never hits.
-        assert hit["cache_hits"] >= 200 * 3 and miss["cache_hits"] == 0
-    assert miss["cache_misses"] == 20 * 3
+        assert hit["cache/hits"] >= 200 * 3 and miss["cache/hits"] == 0
+    assert miss["cache/misses"] == 20 * 3
 
 
 def test_model_target(compose_cfg, tmp_path: Path) -> None:
@@ -342,15 +342,15 @@ def _pair_checks(rows: list[dict[str, Any]], seq_lens: tuple[int, ...]) -> None:
             assert r[f"peak_vs_{tag}"] > 0
         assert r["peak_held_mb"] >= r["peak_alloc_mb"]
         # The local cache keeps what it served (improved's plans are slice bounds: no tensor bytes).
-        assert r["cache_entries"] > 0 and r["cache_held_mb"] >= 0
+        assert r["cache/entries"] > 0 and r["cache_held_mb"] >= 0
     for r in by_role["compare_cache"]:
         # Built again with cache=none: every lookup builds, nothing is kept.
         assert (r["cache_strategy"], r["memory_kind"]) == ("none", "none")
-        assert r["cache_hits"] == 0 and r["cache_misses"] > 0 and r["cache_held_mb"] == 0
+        assert r["cache/hits"] == 0 and r["cache/misses"] > 0 and r["cache_held_mb"] == 0
         assert "speedup_vs_cache_none" not in r
     for r in by_role["compare_memory"]:
         assert (r["cache_strategy"], r["memory_kind"]) == ("local", "bucketed")
-        assert r["pool_requests"] > 0 and "pool_reuses" in r
+        assert r["memory/pool_requests"] > 0 and "memory/pool_reuses" in r
 
 
 def test_compare_cache_and_memory_pair_rows(compose_cfg, tmp_path: Path) -> None:

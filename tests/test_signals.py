@@ -16,6 +16,41 @@ from test_resume import start, wait_for
 
 from dilexp.telemetry.record import RunRecord, read_summary
 
+
+@pytest.fixture
+def handlers():
+    from dilexp import signals
+
+    signals.reset()
+    signals.install()
+    yield signals
+    signals.uninstall()
+    signals.reset()
+
+
+def test_outside_training_a_signal_stops_at_once(handlers) -> None:
+    with pytest.raises(handlers.Interrupted) as stop:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    assert stop.value.signum == signal.SIGUSR1 and stop.value.exit_code == 128 + signal.SIGUSR1
+
+
+def test_in_training_a_signal_is_noted_and_a_second_one_stops_at_once(handlers) -> None:
+    class Connector:
+        received_sigterm = True  # as Lightning's own SIGTERM handler leaves it
+
+    class Trainer:
+        _signal_connector = Connector()
+
+    trainer = Trainer()
+    handlers.graceful(trainer)
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert handlers.received() == signal.SIGTERM
+    assert trainer._signal_connector.received_sigterm is False  # our step end decides, not Lightning
+    os.kill(os.getpid(), signal.SIGTERM)  # the same stop delivered twice at once: still graceful
+    with pytest.raises(handlers.Interrupted):
+        os.kill(os.getpid(), signal.SIGINT)
+
+
 LONG = ["attention=sdpa", "data.seq_len=32", "task.batch_size=4", "task.max_steps=100000", "task.warmup_steps=2",
         "task.log_every_n_steps=1", "task.val_every_n_steps=1000", "task.val_batches=1",
         "task.checkpoint_every_n_steps=2"]

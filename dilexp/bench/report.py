@@ -1,6 +1,7 @@
 """Bench rows -> bench.csv, a rich table, flat metrics, and the run's loggers (CSV, W&B).
 
-A row is a flat dict (see ``dilexp.tasks.bench``); rows of different targets may have
+A row is a flat dict (see ``dilexp.tasks.bench``), its statistics named as in training
+(``dilexp.metrics``: ``cache/hit_rate``, ``memory/pool_requests``); rows of different targets may have
 different keys, so files take the union of the keys, in a fixed order for the known ones.
 """
 
@@ -8,14 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 import math
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from dilexp.telemetry.loggers import RunLoggers
 
 # Known columns first, in reading order; anything else follows, sorted.
 COLUMNS: tuple[str, ...] = (
@@ -24,7 +23,7 @@ COLUMNS: tuple[str, ...] = (
     "median_ms", "p25_ms", "p75_ms", "min_ms", "max_ms",
     "per_call_ns", "median_ns", "p25_ns", "p75_ns", "min_ns", "max_ns",
     "warmup", "repeats", "calls_per_repeat",
-    "allowed_pairs", "density", "flops", "tflops", "gflops", "frac_of_matmul", "tokens_per_s",
+    "allowed_pairs", "density", "flop_count", "flops", "tflops", "gflops", "frac_of_matmul", "tokens_per_s",
     "speedup_vs_sdpa", "compare_to", "speedup_vs_compare", "compare_cache", "compare_memory",
     "peak_alloc_mb", "peak_alloc_source", "peak_held_mb", "pool_idle_mb", "cache_held_mb", "peak_reserved_mb",
     "rss_delta_mb", "peak_rss_since_reset_mb", "pattern_bytes",
@@ -77,8 +76,8 @@ def _num(value: Any) -> float | None:
 # Per-row figures worth a metric; the full row stays in summary.json and bench.csv.
 METRIC_FIELDS = (
     "median_ms", "p25_ms", "p75_ms", "min_ms", "per_call_ns", "tflops", "gflops", "frac_of_matmul",
-    "tokens_per_s", "speedup_vs_sdpa", "speedup_vs_compare", "peak_alloc_mb", "peak_held_mb", "cache_hit_rate",
-    "cache_misses", "pool_reuse_rate",
+    "tokens_per_s", "speedup_vs_sdpa", "speedup_vs_compare", "peak_alloc_mb", "peak_held_mb", "cache/hit_rate",
+    "cache/misses", "memory/pool_reuse_rate",
 )
 # Per-row ratios against a twin with another cache or pool, named after it.
 METRIC_PREFIXES = ("speedup_vs_cache_", "speedup_vs_memory_", "peak_vs_cache_", "peak_vs_memory_")
@@ -146,7 +145,10 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
     pair_keys = sorted({k for r in rows for k in r if k.startswith(("speedup_vs_cache_", "speedup_vs_memory_"))})
     table = Table(title=title, title_justify="left")
     heads = ["variant", "op" if cache_rows else "role", "N", "status"]
-    heads += ["ns/call", "p25-p75 ns"] if cache_rows else ["median ms", "p25-p75 ms", "GFLOP/s", "x sdpa", "x cmp"]
+    # The FLOP count (DESIGN section 8) the rows use: kernel (attention) or model.
+    counts = sorted({str(r["flop_count"]) for r in rows if r.get("flop_count")})
+    gflops = "GFLOP/s" + (f" ({'/'.join(counts)})" if counts else "")
+    heads += ["ns/call", "p25-p75 ns"] if cache_rows else ["median ms", "p25-p75 ms", gflops, "x sdpa", "x cmp"]
     heads += [f"x {k.removeprefix('speedup_vs_')}" for k in pair_keys]
     heads += ["cache hit"] if cache_rows else ["peak alloc MB", *(["peak held MB"] if pair_keys else []),
                                                "cache hit"]
@@ -167,8 +169,8 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
                       _fmt(r.get("gflops"), ".1f"), _fmt(r.get("speedup_vs_sdpa"), ".2f"),
                       _fmt(r.get("speedup_vs_compare"), ".2f")]
         cells += [_fmt(r.get(k), ".3f") for k in pair_keys]
-        hit = _num(r.get("cache_hit_rate"))
-        lookups = (_num(r.get("cache_hits")) or 0.0) + (_num(r.get("cache_misses")) or 0.0)
+        hit = _num(r.get("cache/hit_rate"))
+        lookups = (_num(r.get("cache/hits")) or 0.0) + (_num(r.get("cache/misses")) or 0.0)
         if not cache_rows:
             cells.append(_fmt(r.get("peak_alloc_mb"), ".1f"))
             if pair_keys:
@@ -182,56 +184,13 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
     console.print(table)
 
 
-class BenchLoggers:
-    """The run's CSV (metrics.csv) and W&B loggers; a logger that fails is dropped with a warning."""
-
-    def __init__(self, csv_logger: Any | None, wandb_logger: Any | None) -> None:
-        self.csv = csv_logger
-        self.wandb = wandb_logger
-
-    def _each(self) -> list[tuple[str, Any]]:
-        return [(n, lg) for n, lg in (("csv", self.csv), ("wandb", self.wandb)) if lg is not None]
-
-    def _drop(self, name: str, what: str, e: BaseException) -> None:
-        log.warning("%s logger: %s failed (%s: %s); the run goes on without it", name, what, type(e).__name__, e)
-        setattr(self, name, None)
-
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        for name, lg in self._each():
-            try:
-                with warnings.catch_warnings():
-                    # Lightning warns that the run folder is not empty (it holds .hydra/ and
-                    # bench.csv); it only ever rewrites its own metrics.csv there.
-                    warnings.filterwarnings("ignore", message="Experiment logs directory")
-                    lg.log_metrics(metrics, step=step)
-                    if name == "csv":
-                        lg.save()  # the file is complete after every case, even if the run dies later
-            except Exception as e:  # noqa: BLE001
-                self._drop(name, "log_metrics", e)
+class BenchLoggers(RunLoggers):
+    """The bench run's loggers (dilexp.telemetry.loggers.RunLoggers), with the rows as a W&B table."""
 
     def log_table(self, rows: list[dict[str, Any]], key: str = "bench/table") -> None:
-        if self.wandb is None or not rows:
+        if not rows:
             return
         cols = columns_of(rows)
         data = [[_cell(r.get(c)) if r.get(c) is not None else None for c in cols] for r in rows]
-        try:
-            # A column mixing numbers and "" would make wandb.Table guess a string type.
-            data = [[None if v == "" else v for v in row] for row in data]
-            self.wandb.log_table(key=key, columns=cols, data=data)
-        except Exception as e:  # noqa: BLE001
-            self._drop("wandb", "log_table", e)
-
-    def update_summary(self, metrics: dict[str, float]) -> None:
-        if self.wandb is None:
-            return
-        try:
-            self.wandb.experiment.summary.update(metrics)
-        except Exception as e:  # noqa: BLE001
-            self._drop("wandb", "summary", e)
-
-    def finish(self) -> None:
-        for name, lg in self._each():
-            try:
-                lg.finalize("success")
-            except Exception as e:  # noqa: BLE001
-                self._drop(name, "finalize", e)
+        # A column mixing numbers and "" would make wandb.Table guess a string type.
+        self.log_wandb_table(key, cols, [[None if v == "" else v for v in row] for row in data])

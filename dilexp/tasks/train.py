@@ -11,13 +11,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig
 from tqdm import tqdm
 
 from dilexp.attention import capabilities
 from dilexp.attention.ring import ring_stats
+from dilexp.bench.flops import model_flops
 from dilexp.cache import pregenerate_patterns
 from dilexp.data import build_datamodule
 from dilexp.errors import ConfigError
@@ -27,17 +27,15 @@ from dilexp.resume import (
     Checkpointing,
     checkpoint_dir,
     checkpoint_step,
-    continue_metrics_csv,
-    previous_wandb_id,
     resume_checkpoint,
-    supersede_offline_runs,
 )
 from dilexp.tasks.components import apply_hardware, build_model, compute_device
-from dilexp.tasks.context import JobContext, resolved
+from dilexp.tasks.context import JobContext
 from dilexp.tasks.context_parallel import ContextParallel
 from dilexp.telemetry.callbacks import Telemetry
+from dilexp.telemetry.loggers import make_loggers  # noqa: F401  (also task=eval's factory)
 from dilexp.telemetry.record import RunRecord
-from dilexp.telemetry.wandb_logger import SafeWandbLogger, make_wandb_logger, wandb_mode
+from dilexp.telemetry.wandb_logger import SafeWandbLogger
 
 
 class LMModule(L.LightningModule):
@@ -178,12 +176,9 @@ def check_train_settings(t: DictConfig) -> None:
 
 
 def train_flops_per_step(model: GPT, seq_len: int, batch_size: int) -> float:
-    """Useful FLOPs of one training step: 6 * params * tokens for the matmuls, plus the
-    attention's allowed pairs at 4 * D per pair forward, x2.5 for forward + backward
-    (DESIGN section 8)."""
-    dense = 6.0 * model.num_params(non_embedding=True) * seq_len * batch_size
-    attn = sum(a.allowed_pairs(seq_len, causal=True) for a in model.attention_modules())
-    return dense + 2.5 * 4.0 * model.cfg.head_dim * attn * batch_size
+    """Useful FLOPs of one training step by DESIGN section 8's model count (dilexp.bench.flops);
+    every layer's pairs are counted, however large the mask, as the metrics line needs them."""
+    return model_flops(model, seq_len, batch_size, "fwd_bwd", dense_limit=None)
 
 
 class Prepared:
@@ -235,35 +230,6 @@ def ctx_run_dir() -> Any:
         return HydraConfig.get().runtime.output_dir
     except ValueError:  # built outside a Hydra run (tests): no folder, nothing to resume
         return "."
-
-
-def make_loggers(cfg: DictConfig, ctx: JobContext, record: RunRecord, resume_step: int | None = None
-                 ) -> list[Any]:
-    """The configured Lightning loggers (csv, wandb) of a job writing into its run folder.
-
-    ``resume_step``: a resumed run's checkpoint step: metrics.csv keeps its rows up to there, and
-    the W&B run found in the run folder continues (same id) rather than a new one starting.
-    """
-    run_dir = ctx.run_dir
-    loggers: list[Any] = []
-    if "csv" in cfg.logger:
-        # version="" puts metrics.csv straight into the run folder.
-        csv_logger = CSVLogger(save_dir=str(run_dir), name="", version="",
-                               flush_logs_every_n_steps=int(cfg.logger.csv.get("flush_every", 10)))
-        if resume_step is not None:
-            continue_metrics_csv(csv_logger, run_dir, resume_step)
-        loggers.append(csv_logger)
-    if "wandb" in cfg.logger:
-        run_id = previous_wandb_id(run_dir) if resume_step is not None else None
-        if run_id is not None:
-            supersede_offline_runs(run_dir)
-        wb = make_wandb_logger(cfg.logger.wandb, run_dir, ctx.run_name(), ctx.group(cfg), ctx.tags(), resolved(cfg),
-                               run_id=run_id)
-        if wb is not None:
-            loggers.append(wb)
-            record.update(wandb={"group": ctx.group(cfg), "mode": wandb_mode(cfg.logger.wandb.get("mode")),
-                                 "id": wb.experiment.id, "resumed": run_id is not None})
-    return loggers
 
 
 def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunRecord) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from dilexp.cache.base import PatternCache, collect_stats
 from dilexp.memory.base import MemoryPool
+from dilexp.metrics import cache_metric, label, pool_metric
 
 # Dense bf16 peak of the accelerators we report MFU for (vendor datasheet figures, TFLOP/s).
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
@@ -34,8 +35,9 @@ def memory_stats(device: torch.device) -> dict[str, float]:
 class Telemetry(L.Callback):
     """Times steps and logs perf/*, cache/*, memory/*, pool/* every ``every`` steps.
 
-    ``flops_per_step`` counts useful FLOPs (the attention part from the pattern's
-    allowed pairs), so TFLOP/s stays honest for sparse patterns.
+    ``flops_per_step`` counts useful FLOPs by the model count of DESIGN section 8 (the
+    attention part from the pattern's allowed pairs), so TFLOP/s and MFU stay honest for
+    sparse patterns; the metrics line labels both "(model)".
     """
 
     def __init__(
@@ -96,10 +98,10 @@ class Telemetry(L.Callback):
         peak = peak_tflops(pl_module.device)
         if peak:
             metrics["perf/mfu"] = metrics["perf/tflops"] / peak
-        metrics.update({f"cache/{k}": v for k, v in collect_stats(self.caches()).items()})
+        metrics.update({cache_metric(k): v for k, v in collect_stats(self.caches()).items()})
         metrics.update({f"memory/{k}": v for k, v in memory_stats(pl_module.device).items()})
         if self.pool is not None:
-            metrics.update({f"memory/pool_{k}": v for k, v in self.pool.stats().items()})
+            metrics.update({pool_metric(k): v for k, v in self.pool.stats().items()})
         if self.extra is not None:
             metrics.update(self.extra())
         # The logged train/loss is the whole batch's (a context-parallel rank's own loss is a share).
@@ -122,10 +124,11 @@ class Telemetry(L.Callback):
             f"loss {loss:7.4f}",
             f"tok/s {m['perf/tokens_per_s']:9.0f}",
             f"step {m['perf/step_ms']:7.1f} ms",
-            f"TFLOP/s {m['perf/tflops']:.3f}",
+            # Which FLOP count (DESIGN section 8) the figure uses is in its label.
+            f"{label('perf/tflops')} {m['perf/tflops']:.3f}",
         ]
         if "perf/mfu" in m:
-            parts.append(f"MFU {100 * m['perf/mfu']:.1f}%")
+            parts.append(f"{label('perf/mfu')} {100 * m['perf/mfu']:.1f}%")
         parts += [f"cache hit {100 * m.get('cache/hit_rate', 0.0):5.1f}%", f"{mem_kind} {mem:8.1f} MB"]
         return " | ".join(parts)
 

@@ -9,6 +9,8 @@ from typing import Any
 
 from lightning.pytorch.loggers import WandbLogger
 
+from dilexp.telemetry.loggers import FAILED, guarded
+
 log = logging.getLogger(__name__)
 
 
@@ -33,11 +35,12 @@ class SafeWandbLogger(WandbLogger):
     """A WandbLogger whose failures are warnings: W&B trouble never kills a run."""
 
     def _guard(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # noqa: BLE001
-            log.warning("W&B %s failed (%s: %s); the run goes on without it", what, type(e).__name__, e)
-            return None
+        out = guarded(f"W&B {what}", fn, *args, **kwargs)
+        return None if out is FAILED else out
+
+    def update_summary(self, metrics: dict[str, Any]) -> None:
+        """Figures for the run's summary (the last value of each key, shown in W&B's run table)."""
+        self._guard("summary", lambda: self.experiment.summary.update(metrics))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         self._guard("log_metrics", super().log_metrics, metrics, step)
