@@ -129,6 +129,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     from dilexp.telemetry.record import NoRecord, RunRecord
     from dilexp.telemetry.wandb_logger import finish_wandb
 
+    # Also where main() did not run: a submitit / SLURM worker calls this job function directly.
+    signals.install()
     ctx = JobContext.from_hydra()
     if ctx.multirun:
         from dilexp.sweep import note_job_start
@@ -189,7 +191,7 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         result = _run(cfg, ctx, prepared, record)
     except BaseException as e:
         if signals.received() is not None or isinstance(e, (signals.Interrupted, KeyboardInterrupt)):
-            stop = _interrupted(ctx, record, e, child_rank)
+            stop = _interrupted(ctx, str(cfg.task.name), record, e, child_rank)
             from dilexp.sweep import runs_here
 
             if ctx.multirun and not runs_here(ctx.sweep_dir):
@@ -217,7 +219,8 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
     return result
 
 
-def _interrupted(ctx: JobContext, record: Any, e: BaseException, child_rank: bool) -> signals.Interrupted:
+def _interrupted(ctx: JobContext, task: str, record: Any, e: BaseException, child_rank: bool
+                 ) -> signals.Interrupted:
     """Record a job stopped by a signal as ``interrupted`` (signal, step, checkpoint); the stop to raise."""
     from dilexp.resume import LAST, checkpoint_dir
     from dilexp.telemetry.wandb_logger import finish_wandb
@@ -236,7 +239,7 @@ def _interrupted(ctx: JobContext, record: Any, e: BaseException, child_rank: boo
     if not child_rank:
         where = f"; checkpoint {ckpt} (step {_ckpt_step(ckpt)})" if ckpt.is_file() else ""
         _say(f"dilexp: job {stop}{where}; record in {ctx.run_dir}")
-        if not ctx.multirun and os.environ.get(SWEEP_JOB_ENV) != "1":
+        if task == "train" and not ctx.multirun and os.environ.get(SWEEP_JOB_ENV) != "1":
             again = " ".join(o for o in ctx.overrides if not o.startswith(("task.resume=", "+task.resume=")))
             _say(f"dilexp: resume: python -m dilexp {again} hydra.run.dir={ctx.run_dir} task.resume=auto".replace(
                 "  ", " "))
@@ -283,8 +286,10 @@ def check_output_folder(argv: list[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    from dilexp.console import quiet_console
     from dilexp.sweep import objective
 
+    quiet_console()
     # A sweeper that optimises (hparams_search=...) reads `optimized_metric` from the return value.
     return objective(cfg, run_job(cfg))
 

@@ -15,11 +15,11 @@ from omegaconf import OmegaConf
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from dilexp.attention import build
-from dilexp.attention.flex import build_compact_plan, build_natural_plan
 from dilexp.attention.reference import dense_reference
 from dilexp.cache import build_cache, pattern_nbytes
 from dilexp.errors import ConfigError
 from dilexp.patterns.dilated import DilatedPattern
+from dilexp.patterns.flex_plan import build_compact_plan, build_natural_plan
 
 CONF = Path(__file__).resolve().parent.parent / "conf" / "attention" / "flex.yaml"
 B, N, H, D, BLOCK = 2, 200, 5, 16, 32

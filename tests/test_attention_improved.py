@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from dilexp.attention import build
-from dilexp.attention.improved import plan_branches
 from dilexp.memory.base import NoPool
 from dilexp.patterns.dilated import DilatedPattern
+from dilexp.patterns.strided import plan_branches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

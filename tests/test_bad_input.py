@@ -20,6 +20,7 @@ BAD = [
     (["task.max_steps=0"], "task.max_steps"),
     (["attention=sdpa", "+attention.window=3"], "attention.window"),
     (["cache.strategy=bogus"], "cache.strategy"),
+    (["attention=sdpa", "memory=bucketed"], "memory.kind"),  # a pool sdpa would never use
 ]
 
 

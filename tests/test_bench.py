@@ -404,3 +404,11 @@ def test_a_twin_gets_its_option_from_the_yaml_not_the_class_defaults() -> None:
     assert mem.kind == "bucketed" and mem.reclaim == want.reclaim and mem.exact == want.exact
     assert with_group(cfg, "cache", "strategy", "cpu").cache.strategy == "cpu"
     assert cfg.memory.kind == "none"  # the main config is left alone
+
+
+def test_the_sdpa_baseline_of_a_pooled_run_takes_no_pool(compose_cfg) -> None:
+    """sdpa refuses a pool it cannot use; the bench's baseline of a memory=bucketed run gets none."""
+    cfg = compose_cfg(["task=bench", *TINY, "attention=dilated", "memory=bucketed"])
+    prepared = PreparedBench(cfg)
+    kinds = {v.role: v.memory_kind for v in prepared.variants}
+    assert kinds == {"main": "bucketed", "sdpa": "none"}

@@ -16,7 +16,6 @@ import torch
 
 from dilexp import distributed as D
 from dilexp.attention import build
-from dilexp.attention._ring_plan import build_block_pattern, make_layout, ranges_meet
 from dilexp.attention.ring import RingV2Attention, RingV3Attention, configure_ring, ring_stats
 from dilexp.cache import build_cache
 from dilexp.cache.lru import LRUCache
@@ -24,6 +23,8 @@ from dilexp.cache.simple import LocalCache
 from dilexp.cache.tiered import TwoTierCache
 from dilexp.errors import ConfigError
 from dilexp.patterns.dilated import DilatedPattern
+from dilexp.patterns.ring_layout import make_layout, ranges_meet
+from dilexp.patterns.ring_ops import build_block_pattern
 
 H, DH = 6, 8
 

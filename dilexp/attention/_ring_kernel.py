@@ -14,8 +14,8 @@ caller can stream ops in any order:
   so every op's share is exact on its own and the shares simply add up (the first
   share of a span is copied: ``q_first``/``k_first``). That is what lets the backward run op by op around the ring.
 
-Two implementations of one op: the fused CPU kernel
-(``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, which take the
+Two implementations of one op: the fused kernel of the device (``_kernels.lse_kernel``:
+torch's flash kernel on CPU, flash / memory-efficient on CUDA, whose backwards take the
 final out/lse directly), and a portable one (explicit matmuls on the same views, any
 device; its causal masks come from the pattern cache).
 """
@@ -26,7 +26,8 @@ from collections.abc import Callable
 
 import torch
 
-from dilexp.attention._ring_plan import BlockOp, Span
+from dilexp.attention._kernels import LSEKernel, kernel_input, lse_kernel
+from dilexp.patterns.ring_ops import BlockOp, Span
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,11 +48,18 @@ def _unk(x: torch.Tensor, bsz: int) -> torch.Tensor:
     return x.transpose(1, 2).unflatten(0, (bsz, -1))
 
 
+def _fused_kernel(x: torch.Tensor) -> LSEKernel:
+    kernel = lse_kernel(x)
+    if kernel is None:  # ``fused`` is only set where lse_kernel answers (ring.py)
+        raise RuntimeError(f"ring: no fused kernel for {x.dtype} on {x.device}")
+    return kernel
+
+
 def _attend(qk: torch.Tensor, kk: torch.Tensor, vk: torch.Tensor, causal: bool, scale: float,
             acc: torch.dtype, fused: bool, mask: MaskFn) -> tuple[torch.Tensor, torch.Tensor]:
     """(out, lse) of kernel-layout views; out in q's dtype (fused) or ``acc`` (portable)."""
     if fused:
-        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qk, kk, vk, 0.0, causal, scale=scale)
+        return _fused_kernel(qk).forward(qk, kk, vk, causal, scale)
     p, lse = _probs(qk, kk, causal, scale, acc, mask, None)
     return torch.matmul(p, vk.to(acc)), lse
 
@@ -136,8 +144,8 @@ def op_backward(
     lk = _kview(lse, op.q, op.heads) if own_lse is None else own_lse
     if fused:
         # The kernel reads the log-sum-exp as one contiguous (B*S, h, L) block.
-        gq, gkey, gval = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            gk, qk, kk, vk, ok, lk.contiguous(), 0.0, op.causal, scale=scale)
+        gq, gkey, gval = _fused_kernel(qk).backward(
+            kernel_input(gk), qk, kk, vk, kernel_input(ok), lk.contiguous(), op.causal, scale)
     else:
         p, _ = _probs(qk, kk, op.causal, scale, acc, mask, lk.to(acc))
         g32 = gk.to(acc)

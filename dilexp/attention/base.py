@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from dilexp.attention._kernels import build_pattern, check_dims
 from dilexp.cache.base import PatternCache
 from dilexp.errors import ConfigError
 from dilexp.memory.base import MemoryPool, NoPool
@@ -36,6 +38,8 @@ class Capabilities:
       portable one), selected with ``use_path``; ``slow_paths`` those too slow for the
       quick tests (compilation), checked on one fixed shape instead.
     - ``settings``: values of its own extra settings the suite draws (e.g. ring chunks).
+    - ``pool``: takes its scratch buffers from the ``pool=`` it is given. A variant without
+      it has none to take, and is refused a pool other than ``memory=none`` (``Attention``).
     """
 
     pattern: str = "full"
@@ -46,6 +50,7 @@ class Capabilities:
     paths: tuple[str, ...] = ("default",)
     slow_paths: tuple[str, ...] = ()
     settings: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    pool: bool = False
 
     def backward_on(self, device: torch.device | str) -> bool:
         return torch.device(device).type not in self.no_backward_on
@@ -65,30 +70,43 @@ class Attention(nn.Module):
     # DilatedPattern or BlockSparsePattern, set by the variants that have one.
     pattern: Any = None
     capabilities: Capabilities = Capabilities()
+    # The cache strategy of a module built without one (Hydra runs always pass one).
+    default_cache: str = "local"
 
-    def __init__(
-        self,
-        num_heads: int,
-        head_dim: int,
-        cache: PatternCache | None = None,
-        pool: MemoryPool | None = None,
-    ) -> None:
+    def __init__(self, num_heads: int, head_dim: int, cache: PatternCache | None = None,
+                 pool: MemoryPool | None = None) -> None:
         super().__init__()
-        if int(num_heads) < 1:
-            raise ConfigError("model.n_head", num_heads, "must be >= 1")
-        if int(head_dim) < 1:
-            raise ConfigError("model.head_dim", head_dim, "must be >= 1")
+        check_dims(num_heads, head_dim)
+        if pool is not None and not isinstance(pool, NoPool) and not self.capabilities.pool:
+            # A pool it never asks would look like a measured setting and change nothing.
+            raise ConfigError("memory.kind", pool.name, f"attention={self.name} has no scratch buffers to take "
+                              "from a pool; use memory=none")
         self.num_heads = int(num_heads)
         self.head_dim = int(head_dim)
         if cache is None:
             from dilexp.cache import build_cache
 
-            cache = build_cache("local")
+            cache = build_cache(self.default_cache)
         self.cache = cache
         self.pool = pool if pool is not None else NoPool()
+        self._ahead: set[tuple[Any, torch.device | str]] = set()
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
         raise NotImplementedError
+
+    def lookup(self, key: Hashable, build: Callable[[], Any], device: torch.device | str) -> Any:
+        """The one cache lookup of a call: its whole plan, under its own key (patterns/).
+
+        Pre-generation is decided here and only here, by the cache's ``pregenerate``
+        setting (``cache=gpu``): such a cache gets every plan built ahead of its first use,
+        inside ``pregenerating()``, so hit/miss counts measure the steady state.
+        """
+        cache = self.cache
+        if cache.pregenerate and (key, device) not in self._ahead:
+            with cache.pregenerating():
+                cache.get_or_build(key, build, device)
+            self._ahead.add((key, device))
+        return cache.get_or_build(key, build, device)
 
     def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
         """Build, through the cache, every pattern a length-``n`` call on ``device`` needs.
@@ -171,3 +189,26 @@ def _refuse_under_context_parallel(name: str) -> None:
         raise RuntimeError(f"{name}: a context-parallel group of {world} ranks is registered, but {name} cannot "
                            "shard the sequence over process groups; use a variant that declares "
                            "capabilities.process_groups (ring_v2, ring_v3)")
+
+
+class DilatedAttentionBase(Attention):
+    """What every variant of the dilated pattern (DESIGN section 3) is built from: its
+    validated ``DilatedPattern`` and the softmax scale."""
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        segment_lengths: Sequence[int],
+        dilation_rates: Sequence[int],
+        offsets: str = "head",
+        heads: str = "grouped",
+        cache: PatternCache | None = None,
+        pool: MemoryPool | None = None,
+    ) -> None:
+        check_dims(num_heads, head_dim)
+        pattern = build_pattern(num_heads, segment_lengths, dilation_rates, offsets, heads)
+        super().__init__(num_heads, head_dim, cache=cache, pool=pool)
+        self.pattern = pattern
+        self.branches = tuple(pattern.branches(num_heads))
+        self.scale = 1.0 / math.sqrt(head_dim)

@@ -49,19 +49,19 @@ def gather_blocks(x: torch.Tensor, index: torch.Tensor, bag_order: torch.Tensor,
 class BlockSparseAttention(Attention):
     """Local window + dilated + global blocks; see ``BlockSparsePattern`` for the semantics."""
 
-    capabilities = Capabilities(pattern="block_sparse")
+    capabilities = Capabilities(pattern="block_sparse", pool=True)
 
     def __init__(
         self,
         num_heads: int,
         head_dim: int,
-        cache: PatternCache | None = None,
-        pool: MemoryPool | None = None,
         block_size: int = 64,
         local_blocks: int = 1,
         dilation: int = 2,
         global_blocks: int = 1,
         sparsity: float | None = None,
+        cache: PatternCache | None = None,
+        pool: MemoryPool | None = None,
     ) -> None:
         check_dims(num_heads, head_dim)
         self.pattern = BlockSparsePattern.from_config(block_size, local_blocks, dilation, global_blocks, sparsity)
@@ -78,7 +78,7 @@ class BlockSparseAttention(Attention):
 
     def plan(self, n: int, causal: bool, device: torch.device | str) -> BlockPlan:
         """The cached gather plan for length ``n`` on ``device``."""
-        return self.cache.get_or_build(self._key(n, causal), lambda: self.pattern.plan(n, causal), device)
+        return self.lookup(self._key(n, causal), lambda: self.pattern.plan(n, causal), device)
 
     def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
         for c in (False, True) if causal is None else (causal,):
@@ -95,10 +95,16 @@ class BlockSparseAttention(Attention):
         # memory order, so with query blocks as its batch and B*H as its heads the gathered
         # tensors go in, and their gradients come out, without a layout copy; the mask
         # (R, 1, bs, K*bs) broadcasts over B*H. For B = 1 even the input permute is free.
+        pool, scratch = self.pool, []
+
         def blocks(t: torch.Tensor) -> torch.Tensor:
             t = t.permute(1, 0, 2, 3).reshape(n, b * h, d)
-            if nb * bs != n:
-                t = F.pad(t, (0, 0, 0, 0, 0, nb * bs - n))
+            if nb * bs != n:  # the padded copy is scratch from the pool
+                padded = pool.empty((nb * bs, b * h, d), t.dtype, t.device)
+                padded[n:].zero_()
+                padded[:n].copy_(t)
+                scratch.append(padded)
+                t = padded
             return t.view(nb, bs, b * h, d)
 
         qb, kb, vb = blocks(q), blocks(k), blocks(v)
@@ -107,21 +113,31 @@ class BlockSparseAttention(Attention):
             # A permutation's bags hold one block each: offsets 0..nb-1.
             one_each = torch.arange(nb, device=q.device)
             qb = gather_blocks(qb, perm, inv, one_each)
-        outs, start = [], 0
+        # Several buckets write their rows into one buffer from the pool (no concatenation).
+        out = qb if len(buckets) == 1 else pool.empty((nb, bs, b * h, d), q.dtype, q.device)
+        start = 0
         for _rows, cols, mask, bag_order, bag_offsets in buckets:
             r, width = cols.shape
             flat = cols.reshape(-1)
             kg = gather_blocks(kb, flat, bag_order, bag_offsets).view(r, width * bs, b * h, d).transpose(1, 2)
             vg = gather_blocks(vb, flat, bag_order, bag_offsets).view(r, width * bs, b * h, d).transpose(1, 2)
             qg = qb[start:start + r].transpose(1, 2)
-            start += r
             m = None if mask is None else mask.unsqueeze(1)
-            outs.append(F.scaled_dot_product_attention(qg, kg, vg, attn_mask=m).transpose(1, 2))
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+            res = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=m).transpose(1, 2)
+            if len(buckets) == 1:
+                out = res
+            else:
+                out[start:start + r] = res
+            start += r
         if perm is not None:
             out = gather_blocks(out, inv, perm, one_each)
-        out = out.reshape(nb * bs, b, h, d)[:n]
-        return out.permute(1, 0, 2, 3).contiguous()
+        # The (B, N, H, D) result, laid out once into a buffer from the pool.
+        result = pool.empty((b, n, h, d), q.dtype, q.device)
+        result.copy_(out.reshape(nb * bs, b, h, d)[:n].permute(1, 0, 2, 3))
+        if not torch.is_grad_enabled():  # with autograd the kernel may have saved them
+            for buf in scratch:
+                pool.release(buf)
+        return result
 
     def allowed_pairs(self, n: int, causal: bool) -> int:
         # Closed form, so benchmarks can count useful FLOPs at any N without an N x N mask.

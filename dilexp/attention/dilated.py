@@ -9,107 +9,75 @@ shorter segment is padded and its padding masked. This is the readable baseline 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+import functools
+from collections.abc import Hashable
 
 import torch
 import torch.nn.functional as F
 
-from dilexp.attention._kernels import (
-    build_pattern,
-    check_dims,
-    explicit_attention,
-    heads_index,
-    lse_dtype,
-    lse_floor,
-)
-from dilexp.attention.base import Attention, Capabilities
+from dilexp.attention._kernels import explicit_attention, heads_index, lse_dtype, lse_floor, masked_attention_lse
+from dilexp.attention.base import Capabilities, DilatedAttentionBase
 from dilexp.attention.registry import register
-from dilexp.cache.base import PatternCache
 from dilexp.memory.base import MemoryPool
-from dilexp.patterns.dilated import Branch, segment_positions
+from dilexp.patterns.gather import BranchGather, build_gather_plan, gather_key
 
 
-def _segment_mask(valid: torch.Tensor, causal: bool) -> torch.Tensor:
-    """(S, 1, L, L) bool: which key slot each query slot may see.
+def _gather(x: torch.Tensor, g: BranchGather, heads: slice | list[int], pool: MemoryPool,
+            scratch: list[torch.Tensor] | None) -> torch.Tensor:
+    """(B, N, H, D) -> (B, S, Hb, L, D): the branch's slots, segments as a batch dimension.
 
-    Padding keys are hidden from real queries. Padding *queries* may see every key:
-    their outputs are discarded, and a row with no key at all would only invite a
-    0/0 (NaN) into the backward pass.
+    Without autograd (``scratch`` given) the gather lands in a buffer from the pool, given
+    back after the branch; with it, the kernel saves the gathers of q, k and v alike for its
+    backward, so torch allocates them.
     """
-    allowed = valid.unsqueeze(1).expand(-1, valid.shape[1], -1)
-    if causal:
-        slots = valid.shape[1]
-        allowed = allowed & torch.ones(slots, slots, dtype=torch.bool, device=valid.device).tril()
-    allowed = allowed | ~valid.unsqueeze(2)
-    return allowed.unsqueeze(1).contiguous()
+    num_seg, slots = g.idx.shape
+    flat = g.idx.reshape(-1)
+    src = x[:, :, heads]  # a view: a branch's heads are a strided range
+    if scratch is None:
+        picked = src.index_select(1, flat)
+    else:
+        picked = pool.empty((x.shape[0], flat.numel(), len(g.heads), x.shape[3]), x.dtype, x.device)
+        torch.index_select(src, 1, flat, out=picked)
+        scratch.append(picked)
+    return picked.unflatten(1, (num_seg, slots)).permute(0, 1, 3, 2, 4)
 
 
 @register("dilated")
-class DilatedAttention(Attention):
+class DilatedAttention(DilatedAttentionBase):
     """Dilated attention by gather + one batched attention call per branch."""
 
-    capabilities = Capabilities(pattern="dilated", head_layouts=("grouped", "all"))
+    capabilities = Capabilities(pattern="dilated", head_layouts=("grouped", "all"), pool=True)
 
-    def __init__(
-        self,
-        num_heads: int,
-        head_dim: int,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
-        offsets: str = "head",
-        heads: str = "grouped",
-        cache: PatternCache | None = None,
-        pool: MemoryPool | None = None,
-    ) -> None:
-        check_dims(num_heads, head_dim)
-        pattern = build_pattern(num_heads, segment_lengths, dilation_rates, offsets, heads)
-        super().__init__(num_heads, head_dim, cache=cache, pool=pool)
-        self.pattern = pattern
-        self.branches: list[Branch] = pattern.branches(num_heads)
-        self.scale = 1.0 / math.sqrt(head_dim)
+    @functools.cached_property
+    def head_slices(self) -> list[slice | list[int]]:
+        """Each branch's heads as an index that selects them as a view."""
+        return [heads_index(b.heads) for b in self.branches]
 
-    # -- patterns (all through the cache) ---------------------------------------------------
-
-    def _positions(self, n: int, b: Branch, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-        key = ("dilated_idx", n, b.segment_length, b.dilation_rate, b.offset)
-        return self.cache.get_or_build(
-            key, lambda: segment_positions(n, b.segment_length, b.dilation_rate, b.offset), device
-        )
-
-    def _scatter(self, n: int, b: Branch, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positions (P,), slots (P,)): where each real slot of the padded batch goes back to."""
-
-        def build() -> tuple[torch.Tensor, torch.Tensor]:
-            idx, valid = segment_positions(n, b.segment_length, b.dilation_rate, b.offset)
-            slots = valid.reshape(-1).nonzero().squeeze(1)
-            return idx.reshape(-1)[slots], slots
-
-        key = ("dilated_scatter", n, b.segment_length, b.dilation_rate, b.offset)
-        return self.cache.get_or_build(key, build, device)
-
-    def _mask(self, n: int, b: Branch, causal: bool, device: torch.device | str) -> torch.Tensor:
-        def build() -> torch.Tensor:
-            _, valid = segment_positions(n, b.segment_length, b.dilation_rate, b.offset)
-            return _segment_mask(valid, causal)
-
-        key = ("dilated_mask", n, b.segment_length, b.dilation_rate, b.offset, causal)
-        return self.cache.get_or_build(key, build, device)
-
-    def _heads(self, b: Branch, device: torch.device | str) -> torch.Tensor:
-        return self.cache.get_or_build(
-            ("dilated_heads", b.heads), lambda: torch.tensor(b.heads, dtype=torch.int64), device
-        )
+    def _plan(self, n: int, causal: bool, device: torch.device | str) -> tuple[tuple, ...]:
+        """Every branch's gather plan (patterns/gather.py): one cache lookup per call."""
+        key: Hashable = gather_key(self.pattern, n, self.num_heads, causal)
+        return self.lookup(key, lambda: build_gather_plan(self.pattern, n, self.num_heads, causal), device)
 
     def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
-        for b in self.branches:
-            self._positions(n, b, device)
-            self._scatter(n, b, device)
-            self._heads(b, device)
-            for c in (False, True) if causal is None else (causal,):
-                self._mask(n, b, c, device)
+        for c in (False, True) if causal is None else (causal,):
+            self._plan(n, c, device)
 
     # -- compute ----------------------------------------------------------------------------
+
+    def _attend_lse(
+        self, qs: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse) of one branch's (B, S, Hb, L, D) batch: a fused masked kernel that
+        returns the log-sum-exp where the device has one (CPU flash, CUDA memory-efficient),
+        explicit O(S*L^2) attention only where none takes the inputs (fp64 on CUDA)."""
+        bsz, segs = qs.shape[:2]
+        # (S, 1, L, L) -> (B*S, 1, L, L): the kernels take one leading batch dimension.
+        allowed = mask if bsz == 1 else mask.expand(bsz, *mask.shape).flatten(0, 1)
+        fused = masked_attention_lse(qs.flatten(0, 1), ks.flatten(0, 1), vs.flatten(0, 1), allowed, self.scale)
+        if fused is None:
+            return explicit_attention(qs, ks, vs, mask, causal=False, scale=self.scale)
+        o_b, lse_b = fused
+        return o_b.unflatten(0, (bsz, segs)), lse_b.unflatten(0, (bsz, segs))
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
@@ -119,38 +87,31 @@ class DilatedAttention(Attention):
         device = q.device
         merge = self.pattern.heads == "all"
         acc = lse_dtype(q.dtype) if merge else q.dtype
-        out = torch.zeros(bsz, n, h, d, dtype=acc, device=device)
+        pool = self.pool
+        out = pool.empty((bsz, n, h, d), acc, device).zero_()
         if merge:
-            run_lse = torch.full((bsz, n, h), lse_floor(acc), dtype=acc, device=device)
-
-        for b in self.branches:
-            idx, valid = self._positions(n, b, device)
-            num_seg, slots = idx.shape
-            pos, keep = self._scatter(n, b, device)
-            mask = self._mask(n, b, causal, device)
-            hsel = heads_index(b.heads)
-            flat = idx.reshape(-1)
-
-            def gather(x: torch.Tensor, hsel=hsel, flat=flat, num_seg=num_seg, slots=slots) -> torch.Tensor:
-                # (B, S*L, Hb, D) -> (B, S, Hb, L, D): segments become a batch dimension.
-                picked = x[:, :, hsel].index_select(1, flat)
-                return picked.unflatten(1, (num_seg, slots)).permute(0, 1, 3, 2, 4)
-
-            qs, ks, vs = gather(q), gather(k), gather(v)
+            run_lse = pool.empty((bsz, n, h), acc, device).fill_(lse_floor(acc))
+        tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        scratch: list[torch.Tensor] | None = None if tracked else []
+        for entry, hsel in zip(self._plan(n, causal, device), self.head_slices, strict=True):
+            g = BranchGather(*entry)
+            num_seg, slots = g.idx.shape
+            qs, ks, vs = (_gather(x, g, hsel, pool, scratch) for x in (q, k, v))
             if merge:
-                o_b, lse_b = explicit_attention(qs, ks, vs, mask, causal=False, scale=self.scale)
+                o_b, lse_b = self._attend_lse(qs, ks, vs, g.mask)
             else:
-                o_b = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=self.scale)
+                o_b = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=g.mask, scale=self.scale)
+            while scratch:
+                pool.release(scratch.pop())  # the kernel is done with them
             # Back to (B, S*L, Hb, D), keep the real slots only.
-            o_b = o_b.permute(0, 1, 3, 2, 4).reshape(bsz, num_seg * slots, len(b.heads), d)
-            o_b = o_b.index_select(1, keep)
-            heads_t = self._heads(b, device)
-            where = (slice(None), pos.unsqueeze(1), heads_t.unsqueeze(0))
+            o_b = o_b.permute(0, 1, 3, 2, 4).reshape(bsz, num_seg * slots, len(g.heads), d)
+            o_b = o_b.index_select(1, g.keep)
+            where = (slice(None), g.pos.unsqueeze(1), g.heads.unsqueeze(0))
             if not merge:
                 out[where] = o_b
                 continue
             # Online softmax over the pairs: rescale what is there by the new total.
-            lse_b = lse_b.transpose(2, 3).reshape(bsz, num_seg * slots, len(b.heads)).index_select(1, keep)
+            lse_b = lse_b.transpose(2, 3).reshape(bsz, num_seg * slots, len(g.heads)).index_select(1, g.keep)
             old_lse = run_lse[where]
             new_lse = torch.logaddexp(old_lse, lse_b)
             out[where] = (
@@ -158,4 +119,10 @@ class DilatedAttention(Attention):
                 + o_b.to(acc) * torch.exp(lse_b - new_lse).unsqueeze(-1)
             )
             run_lse[where] = new_lse
-        return out.to(q.dtype)
+        if not merge:
+            return out
+        pool.release(run_lse)  # autograd keeps only the indices of its reads and writes
+        result = out.to(q.dtype)
+        if result is not out and not torch.is_grad_enabled():
+            pool.release(out)
+        return result

@@ -13,95 +13,38 @@ are contiguous, so no padding exists and ``is_causal`` is exactly "causal in the
 subsequence". A branch therefore costs one call (two when N % w != 0: the ragged tail),
 and results are copied once, straight into the output buffer from the pool.
 
-On CPU all branches run in one autograd node (``_FlashCPU``) around torch's fused flash
-kernel and its backward, which also hands out each branch's log-sum-exp: ``heads="all"``
-merges the branches by it in place, and its backward reuses the kernel's backward with the
-*merged* output and log-sum-exp (the ring-attention identity), so the merge costs no
-extra attention pass. On other devices (or with ``use_cpu_flash = False``) the same views
-go through ``F.scaled_dot_product_attention`` and autograd, and ``heads="all"`` through
-explicit attention.
+All branches run in one autograd node (``_FlashCPU``, named for where it started) around
+the device's fused kernel and its backward (``_kernels.lse_kernel``: torch's flash kernel
+on CPU, flash for bf16/fp16 and memory-efficient for fp32 on CUDA), which also hands out
+each branch's log-sum-exp: ``heads="all"`` merges the branches by it in place, and its
+backward reuses the kernel's backward with the *merged* output and log-sum-exp (the
+ring-attention identity), so the merge costs no extra attention pass. The kernels take
+the strided views as they are (only a non-contiguous last dimension would be copied,
+``kernel_input``, and the views never have one). Where no fused kernel takes the inputs
+(fp64 on CUDA), or with ``use_cpu_flash = False``, the same views go through
+``F.scaled_dot_product_attention`` and autograd, and ``heads="all"`` through explicit
+attention.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from dilexp.attention._kernels import (
-    build_pattern,
-    check_dims,
-    cpu_flash_ok,
+    LSEKernel,
     explicit_attention,
-    heads_index,
+    kernel_input,
     lse_dtype,
     lse_floor,
+    lse_kernel,
 )
-from dilexp.attention.base import Attention, Capabilities
+from dilexp.attention.base import Capabilities, DilatedAttentionBase
 from dilexp.attention.registry import register
-from dilexp.cache.base import PatternCache
 from dilexp.memory.base import MemoryPool
-from dilexp.patterns.dilated import DilatedPattern
-
-
-@dataclass(frozen=True)
-class Piece:
-    """Positions base + s*seg_len + offset + j*rate (s < num_seg, j < slots): one strided view."""
-
-    base: int
-    num_seg: int
-    seg_len: int
-    offset: int
-    rate: int
-    slots: int
-
-    def view(self, x: torch.Tensor, heads: slice) -> torch.Tensor:
-        """(B, N, H, ...) -> (B, num_seg, slots, Hb, ...) view of the selected positions."""
-        span = x[:, self.base : self.base + self.num_seg * self.seg_len]
-        stop = self.offset + (self.slots - 1) * self.rate + 1
-        return span.unflatten(1, (self.num_seg, self.seg_len))[:, :, self.offset : stop : self.rate, heads]
-
-
-@dataclass(frozen=True)
-class BranchPlan:
-    """One branch: its heads, the pieces it computes, and the views it leaves unselected."""
-
-    heads: slice
-    rate: int
-    pieces: tuple[Piece, ...]
-    blanks: tuple[Piece, ...]
-
-
-# Past this many strided fills, one fill over the branch's heads is cheaper than skipping
-# the selected positions.
-_MAX_BLANK_VIEWS = 8
-
-
-def plan_branches(pattern: DilatedPattern, n: int, num_heads: int) -> tuple[BranchPlan, ...]:
-    """Split every branch into its (at most two) strided pieces for a length-``n`` sequence."""
-    plans = []
-    for b in pattern.branches(num_heads):
-        w, r, o = b.segment_length, b.dilation_rate, b.offset
-        heads = heads_index(b.heads)
-        if not isinstance(heads, slice):  # the pattern's layouts always give a progression
-            raise RuntimeError(f"improved: heads {b.heads} of a branch are not a strided range")
-        full = n // w
-        tail = n - full * w
-        # (base, segments, segment length) of the full segments and of the ragged tail.
-        regions = [reg for reg in ((0, full, w), (full * w, 1, tail)) if reg[1] and reg[2]]
-        pieces, blanks = [], []
-        for base, segs, length in regions:
-            for off in range(min(r, length)):
-                piece = Piece(base, segs, length, off, r, -(-(length - off) // r))
-                (pieces if off == o else blanks).append(piece)
-        if len(blanks) > _MAX_BLANK_VIEWS:
-            blanks = [Piece(0, 1, n, 0, 1, n)]
-        plans.append(BranchPlan(heads, r, tuple(pieces), tuple(blanks)))
-    return tuple(plans)
+from dilexp.patterns.strided import BranchPlan, plan_branches, strided_key
 
 
 def _to_kernel(x: torch.Tensor) -> torch.Tensor:
@@ -115,7 +58,7 @@ def _from_kernel(x: torch.Tensor, bsz: int) -> torch.Tensor:
 
 
 class _FlashCPU(torch.autograd.Function):
-    """All branches on CPU in one autograd node: fused kernels forward and backward.
+    """All branches in one autograd node: the device's fused kernel forward and backward.
 
     One node instead of a chain of view/copy nodes matters: autograd would otherwise give
     every branch a full-size zero gradient for q, k and v and sum them, which on CPU costs
@@ -141,6 +84,7 @@ class _FlashCPU(torch.autograd.Function):
         scale: float,
         merge: bool,
         pool: MemoryPool,
+        kernel: LSEKernel,
     ) -> torch.Tensor:
         bsz, n, h, d = q.shape
         acc = lse_dtype(q.dtype) if merge else q.dtype
@@ -150,11 +94,10 @@ class _FlashCPU(torch.autograd.Function):
         # piece's own lse is what its backward needs, kept in the kernel's layout.
         lse = pool.empty((bsz, n, h), acc, q.device).fill_(lse_floor(acc)) if merge else None
         piece_lse: list[torch.Tensor] = []
-        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
         for plan in plans:
             for p in plan.pieces:
-                qv, kv, vv = (_to_kernel(p.view(x, plan.heads)) for x in (q, k, v))
-                o_p, l_p = flash(qv, kv, vv, 0.0, causal, scale=scale)
+                qv, kv, vv = (kernel_input(_to_kernel(p.view(x, plan.heads))) for x in (q, k, v))
+                o_p, l_p = kernel.forward(qv, kv, vv, causal, scale)
                 out_v = p.view(out, plan.heads)
                 if lse is None:
                     out_v.copy_(_from_kernel(o_p, bsz))
@@ -172,6 +115,7 @@ class _FlashCPU(torch.autograd.Function):
             pool.release(out)
         ctx.save_for_backward(q, k, v, result, *([lse] if merge else piece_lse))
         ctx.plans, ctx.causal, ctx.scale, ctx.merge, ctx.pool = plans, causal, scale, merge, pool
+        ctx.kernel = kernel
         return result
 
     @staticmethod
@@ -183,23 +127,22 @@ class _FlashCPU(torch.autograd.Function):
         grads = [ctx.pool.empty(q.shape, q.dtype, q.device) for _ in range(3)]
         for g in grads:
             _zero_uncovered(g, ctx.plans, ctx.merge)
-        flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
         for plan in ctx.plans:
             for p in plan.pieces:
-                qv, kv, vv, ov, gv = (_to_kernel(p.view(x, plan.heads)) for x in (q, k, v, out, grad))
+                qv, kv, vv, ov, gv = (kernel_input(_to_kernel(p.view(x, plan.heads))) for x in (q, k, v, out, grad))
                 if ctx.merge:
                     # The kernel reads lse as one contiguous (B*S, Hb, c) block.
                     lv = p.view(lses[0], plan.heads).flatten(0, 1).transpose(1, 2).contiguous()
                 else:
                     lv = next(piece_lse)
-                parts = flash_bwd(gv, qv, kv, vv, ov, lv, 0.0, ctx.causal, scale=ctx.scale)
+                parts = ctx.kernel.backward(gv, qv, kv, vv, ov, lv, ctx.causal, ctx.scale)
                 for g_full, g_part in zip(grads, parts, strict=True):
                     target = p.view(g_full, plan.heads)
                     if ctx.merge:
                         target.add_(_from_kernel(g_part, bsz))
                     else:
                         target.copy_(_from_kernel(g_part, bsz))
-        return grads[0], grads[1], grads[2], None, None, None, None, None
+        return grads[0], grads[1], grads[2], None, None, None, None, None, None
 
 
 def _zero_uncovered(x: torch.Tensor, plans: tuple[BranchPlan, ...], merge: bool) -> None:
@@ -214,31 +157,16 @@ def _zero_uncovered(x: torch.Tensor, plans: tuple[BranchPlan, ...], merge: bool)
 
 
 @register("improved")
-class ImprovedDilatedAttention(Attention):
+class ImprovedDilatedAttention(DilatedAttentionBase):
     """Dilated attention by strided views and one fused SDPA call per branch (plus a ragged tail)."""
 
-    # "fused": torch's CPU flash kernel in one autograd node (CPU only; elsewhere it is the
-    # portable path anyway); "portable": the SDPA/explicit path every device takes.
-    capabilities = Capabilities(pattern="dilated", head_layouts=("grouped", "all"), paths=("fused", "portable"))
-
-    def __init__(
-        self,
-        num_heads: int,
-        head_dim: int,
-        segment_lengths: Sequence[int],
-        dilation_rates: Sequence[int],
-        offsets: str = "head",
-        heads: str = "grouped",
-        cache: PatternCache | None = None,
-        pool: MemoryPool | None = None,
-    ) -> None:
-        check_dims(num_heads, head_dim)
-        pattern = build_pattern(num_heads, segment_lengths, dilation_rates, offsets, heads)
-        super().__init__(num_heads, head_dim, cache=cache, pool=pool)
-        self.pattern = pattern
-        self.scale = 1.0 / math.sqrt(head_dim)
-        # False forces the portable (autograd) path on CPU too: tests cover both with it.
-        self.use_cpu_flash = True
+    # "fused": the device's LSE kernel in one autograd node (where none takes the inputs the
+    # portable path runs anyway); "portable": the SDPA/explicit path through autograd.
+    capabilities = Capabilities(pattern="dilated", head_layouts=("grouped", "all"), paths=("fused", "portable"),
+                                pool=True)
+    # False forces the portable (autograd) path where a fused kernel exists: tests cover both.
+    # (The name predates the CUDA kernels; it now selects the fused path on every device.)
+    use_cpu_flash = True
 
     def use_path(self, path: str) -> None:
         super().use_path(path)
@@ -247,9 +175,8 @@ class ImprovedDilatedAttention(Attention):
     def _plans(self, n: int, device: torch.device | str) -> tuple[BranchPlan, ...]:
         # The "pattern" here is a handful of slice bounds; going through the cache keeps
         # hit/miss statistics comparable with the index-based variants.
-        p = self.pattern
-        key = ("improved_plan", n, self.num_heads, p.segment_lengths, p.dilation_rates, p.offsets, p.heads)
-        return self.cache.get_or_build(key, lambda: plan_branches(p, n, self.num_heads), device)
+        p, h = self.pattern, self.num_heads
+        return self.lookup(strided_key(p, n, h), lambda: plan_branches(p, n, h), device)
 
     def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
         self._plans(n, device)  # one plan serves both masks
@@ -260,8 +187,9 @@ class ImprovedDilatedAttention(Attention):
         self._check_input(q, k, v)
         plans = self._plans(q.shape[1], q.device)
         merge = self.pattern.heads == "all"
-        if self.use_cpu_flash and cpu_flash_ok(q):
-            return _FlashCPU.apply(q, k, v, plans, causal, self.scale, merge, self.pool)
+        kernel = lse_kernel(q) if self.use_cpu_flash else None
+        if kernel is not None:
+            return _FlashCPU.apply(q, k, v, plans, causal, self.scale, merge, self.pool, kernel)
         if merge:
             return self._merged_portable(q, k, v, plans, causal)
         return self._grouped(q, k, v, plans, causal)

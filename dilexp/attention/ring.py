@@ -34,43 +34,33 @@ Failures: every transfer waits at most the group timeout (``init_process_group(t
 and then raises ``RingCommError`` naming this rank and the peer it waited for.
 
 Compute. A block pair is a few fused attention calls on strided views of the shards
-(``_ring_plan.BlockOp``: per branch, the selected positions of each segment the two
+(``patterns.ring_ops.BlockOp``: per branch, the selected positions of each segment the two
 blocks share), with no gather, padding or mask; K/V are never copied single-process.
-On CPU the calls go to the fused flash kernel, which returns the log-sum-exp and whose
-backward takes the final output and log-sum-exp; elsewhere a portable matmul path runs
-on the same views. The first op to write a span of rows copies into the accumulators,
+The calls go to the device's fused kernel (``_kernels.lse_kernel``: flash on CPU, flash
+or memory-efficient on CUDA), which returns the log-sum-exp and whose backward takes the
+final output and log-sum-exp; where none takes the inputs (fp64 on CUDA) a portable
+matmul path runs on the same views. The first op to write a span of rows copies into the accumulators,
 later ones merge (forward) or add (backward), and only heads with unwritten rows are
-zeroed (``_ring_plan.RingPlan``).
+zeroed (``patterns.ring_ops.RingPlan``).
 
-Patterns: all ops of one call shape form one ``RingPlan``, stored in the pattern cache
-(one lookup per call). ``ring_v2`` builds it on first use (default cache ``cpu``);
-``ring_v3`` pre-generates it for a shape (``prepare``, inside the cache's
-``pregenerating()`` when it has one) before its first call, default cache ``gpu``.
+Patterns: all ops of one call shape form one ``RingPlan`` (``dilexp.patterns.ring_ops``),
+stored in the pattern cache (one lookup per call). ``ring_v2`` and ``ring_v3`` differ only
+in their default cache (``cpu``, ``gpu``); a cache with ``pregenerate`` (``gpu``) gets the
+plan built ahead of its first use (``Attention.lookup``). The ring itself runs in
+``_ring_runner``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.autograd.function import once_differentiable
 
-from dilexp.attention._kernels import build_pattern, check_dims, cpu_flash_ok
-from dilexp.attention._ring_comm import TAG_DKV, TAG_FINAL, TAG_KV, Pending, RingComm, RingCommError
-from dilexp.attention._ring_kernel import _unk, acc_dtype, op_backward, op_forward
-from dilexp.attention._ring_plan import (
-    BlockOp,
-    HeadRange,
-    Layout,
-    RingPlan,
-    build_block_pattern,
-    build_ring_plan,
-    make_layout,
-)
-from dilexp.attention.base import Attention, Capabilities
+from dilexp.attention._ring_comm import Pending, RingComm, RingCommError
+from dilexp.attention._ring_runner import RingFunction, Runner
+from dilexp.attention.base import Capabilities, DilatedAttentionBase
 from dilexp.attention.registry import register
 from dilexp.cache.base import PatternCache
 from dilexp.distributed import (
@@ -84,234 +74,23 @@ from dilexp.distributed import (
 )
 from dilexp.errors import ConfigError
 from dilexp.memory.base import MemoryPool
+from dilexp.patterns.ring_layout import Layout, make_layout
+from dilexp.patterns.ring_ops import BlockOp, RingPlan, build_block_pattern, build_ring_plan, ring_key
 
 GroupSetting = Any  # None | "world" | dist.ProcessGroup
 
 
-class _Runner:
-    """One call's worth of state: layout, group, causal flag; runs forward and backward rings."""
-
-    def __init__(self, attn: RingDilatedAttention, layout: Layout, group: Any, causal: bool,
-                 device: torch.device) -> None:
-        self.attn = attn
-        self.layout = layout
-        self.causal = causal
-        self.device = device
-        self.comm = None
-        if layout.world > 1:
-            self.comm = RingComm(group, layout.rank, layout.world, attn.name, attn.timeout_s)
-        self.plan = attn.ring_plan(layout, causal, device)
-        self.fused = False  # decided per call from the input (``forward``)
-        # (step, op index) -> the final log-sum-exp of a q_only op, kept from forward to backward.
-        self.own_lse: dict[tuple[int, int], torch.Tensor] = {}
-
-    def _mask(self, size: int, device: torch.device) -> torch.Tensor:
-        """The portable path's causal mask (above the diagonal), built once per size through the cache."""
-        return self.attn.cache.get_or_build(
-            ("ring_causal_mask", size), lambda: torch.ones(size, size, dtype=torch.bool).triu(1), device
-        )
-
-    def _buffer(self, like: torch.Tensor, dtype: torch.dtype, zero: tuple[HeadRange, ...] | None) -> torch.Tensor:
-        """An accumulator shaped like ``like``: zeros only in the heads whose rows are not all
-        written first by a copy (the plan's ``q_zero``/``k_zero``; None: everywhere).
-
-        It comes from the pool: outputs and gradients leave the call, so only a pool that
-        reclaims dropped buffers (``memory.reclaim``) gets them back."""
-        buf = self.attn.pool.empty(like.shape, dtype, like.device)
-        if zero is None:
-            return buf.zero_()
-        for heads in zero:
-            buf[:, :, slice(*heads)].zero_()
-        return buf
-
-    def _forward_ops(self, j: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                     lse: torch.Tensor) -> None:
-        for i, op in enumerate(self.plan.steps[j]):
-            own = op_forward(q, k, v, op, self.attn.scale, out, lse, self.fused, self._mask)
-            if own is not None:
-                self.own_lse[(j, i)] = own
-
-    def _backward_ops(self, j: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                      dout: torch.Tensor, lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
-                      dv: torch.Tensor) -> None:
-        for i, op in enumerate(self.plan.steps[j]):
-            op_backward(q, k, v, out, dout, lse, op, self.attn.scale, dq, dk, dv, self.fused, self._mask,
-                        self.own_lse.pop((j, i), None))
-
-    def _release(self, buf: torch.Tensor | None, mine: torch.Tensor) -> None:
-        """Give a receive buffer back to the pool once its transfers are complete."""
-        if buf is not None and buf is not mine:
-            self.attn.pool.release(buf)
-
-    def _count(self, j: int) -> None:
-        total = self.layout.pairs_per_step(j)
-        self.attn._stats["steps"] += total
-        self.attn._stats["skipped_steps"] += total - len(self.layout.pairs[j])
-
-    def _kv_transfer(self, t: int, cur: torch.Tensor | None, like: torch.Tensor) -> tuple[Pending | None,
-                                                                                             torch.Tensor | None]:
-        """Post step t's K/V hop: pass on what this rank holds, receive what it holds at t + 1."""
-        lay, comm = self.layout, self.comm
-        assert comm is not None
-        j, nxt = (lay.rank - t) % lay.world, (lay.rank - t - 1) % lay.world
-        sends, recvs, buf = [], [], None
-        if cur is not None and t + 1 <= lay.maxdist[j]:
-            sends.append((cur, comm.next, TAG_KV))
-        if t + 1 <= lay.maxdist[nxt]:
-            shape = list(like.shape)
-            shape[2] = lay.shard_len(nxt)
-            buf = self.attn.pool.empty(tuple(shape), like.dtype, like.device)
-            recvs.append((buf, comm.prev, TAG_KV))
-        return comm.start(sends, recvs, f"K/V transfer at step {t}"), buf
-
-    # -- forward -----------------------------------------------------------------------
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        lay = self.layout
-        acc = acc_dtype(q.dtype)
-        self.fused = self.attn.use_fused and cpu_flash_ok(q)
-        out = self._buffer(q, acc, self.plan.q_zero)
-        # Rows no op writes keep -inf (the backward never reads them).
-        lse = self.attn.pool.empty(q.shape[:3], acc, q.device).fill_(float("-inf"))
-        self.attn._stats["calls"] += 1
-        if lay.world == 1:
-            # k and v are the caller's tensors: every op reads views of them, nothing is copied.
-            self._count(0)
-            self._forward_ops(0, q, k, v, out, lse)
-            return out.to(q.dtype), lse
-
-        assert self.comm is not None
-        kv = torch.stack([k, v]).contiguous()  # one message per hop instead of two
-        cur: torch.Tensor | None = kv
-        for t in range(lay.world):
-            j = (lay.rank - t) % lay.world
-            pending, buf = self._kv_transfer(t, cur, kv)
-            self._count(j)
-            if cur is not None:
-                self._forward_ops(j, q, cur[0], cur[1], out, lse)
-            self.comm.wait(pending)  # also completes the send of ``cur``
-            self._release(cur, kv)
-            cur = buf
-        self.attn._stats["bytes_sent"] += self.comm.bytes_sent
-        self.comm.bytes_sent = 0
-        return out.to(q.dtype), lse
-
-    def complete_lse(self, lse: torch.Tensor) -> None:
-        """Write the log-sum-exps the forward kept aside (ops that alone own their rows) into
-        ``lse``, so it holds every row's (forward_lse; the training path skips the copy)."""
-        bsz = lse.shape[0]
-        for (j, i), own in self.own_lse.items():
-            op = self.plan.steps[j][i]
-            op.q.view(lse, op.heads).copy_(_unk(own, bsz))
-
-    # -- backward ----------------------------------------------------------------------
-
-    def backward(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-        dout: torch.Tensor,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        lay = self.layout
-        acc = lse.dtype
-        self.fused = self.attn.use_fused and cpu_flash_ok(q)
-        dq = self._buffer(q, acc, self.plan.q_zero)
-        if lay.world == 1:
-            dk = self._buffer(k, acc, self.plan.k_zero)
-            dv = self._buffer(v, acc, self.plan.k_zero)
-            self._backward_ops(0, q, k, v, out, dout, lse, dq, dk, dv)
-            return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-
-        comm = self.comm
-        assert comm is not None
-        r, world = lay.rank, lay.world
-        kv = torch.stack([k, v]).contiguous()
-        cur: torch.Tensor | None = kv
-        # The owner keeps its own share; the ranks after it (steps 1..maxdist) pass one
-        # partial sum along, and the last sends it home, where it is added.
-        incoming: tuple[Pending | None, torch.Tensor] | None = None  # partial dK/dV of the next shard
-        final: tuple[Pending | None, torch.Tensor] | None = None  # the others' share of this shard
-        own: torch.Tensor | None = None
-        outstanding: list[Pending | None] = []
-        for t in range(world):
-            j = (r - t) % world
-            kv_pending, buf = self._kv_transfer(t, cur, kv)
-            self._count(j)
-            dkv = None
-            if cur is not None:
-                dkv = torch.zeros((2, *cur.shape[1:]), dtype=acc, device=kv.device)
-                self._backward_ops(j, q, cur[0], cur[1], out, dout, lse, dq, dkv[0], dkv[1])
-                if incoming is not None:  # what the ranks between the owner and this one added
-                    comm.wait(incoming[0])
-                    dkv += incoming[1]
-                    self._release(incoming[1], kv)
-                    incoming = None
-            sends, recvs = [], []
-            if dkv is not None:
-                if t == 0:
-                    own = dkv
-                elif t + 1 <= lay.maxdist[j]:
-                    sends.append((dkv, comm.next, TAG_DKV))
-                else:
-                    sends.append((dkv, j, TAG_FINAL))
-            nxt = (r - t - 1) % world
-            nxt_buf = fin_buf = None
-            if t >= 1 and t + 1 <= lay.maxdist[nxt]:
-                nxt_buf = self.attn.pool.empty((2, kv.shape[1], lay.shard_len(nxt), *kv.shape[3:]), acc,
-                                               kv.device)
-                recvs.append((nxt_buf, comm.prev, TAG_DKV))
-            if lay.maxdist[r] >= 1 and t == lay.maxdist[r]:
-                fin_buf = self.attn.pool.empty((2, *kv.shape[1:]), acc, kv.device)
-                recvs.append((fin_buf, (r + lay.maxdist[r]) % world, TAG_FINAL))
-            pending = comm.start(sends, recvs, f"dK/dV transfer at step {t}")
-            if nxt_buf is not None:
-                incoming = (pending, nxt_buf)
-            if fin_buf is not None:
-                final = (pending, fin_buf)
-            outstanding.append(pending)
-            comm.wait(kv_pending)
-            self._release(cur, kv)
-            cur = buf
-        for p in outstanding:  # sends must finish before their buffers go away
-            comm.wait(p)
-        assert own is not None
-        if final is not None:
-            own += final[1]
-            self._release(final[1], kv)
-        self.attn._stats["bytes_sent"] += comm.bytes_sent
-        comm.bytes_sent = 0
-        return dq.to(q.dtype), own[0].to(k.dtype), own[1].to(v.dtype)
-
-
-class _RingFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runner: _Runner) -> torch.Tensor:
-        # Autocast would run the fp32 score/merge einsums in bf16 and lose the exactness.
-        with torch.autocast(q.device.type, enabled=False):
-            out, lse = runner.forward(q, k, v)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.runner = runner
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        q, k, v, out, lse = ctx.saved_tensors
-        with torch.autocast(q.device.type, enabled=False):
-            dq, dk, dv = ctx.runner.backward(q, k, v, out, lse, dout.contiguous())
-        return dq, dk, dv, None
-
-
-class RingDilatedAttention(Attention):
+class RingDilatedAttention(DilatedAttentionBase):
     """Shared implementation of ``ring_v2`` and ``ring_v3`` (see the module docstring)."""
 
-    # "fused": torch's CPU flash kernel per op (CPU only; elsewhere the portable path runs
-    # anyway); "portable": explicit matmuls on the same views, the path of other devices.
+    # "fused": the device's LSE kernel per op (_kernels.lse_kernel; where none takes the
+    # inputs the portable path runs anyway); "portable": explicit matmuls on the same views.
     capabilities = Capabilities(
         pattern="dilated", head_layouts=("grouped", "all"), process_groups=True, lse=True,
-        paths=("fused", "portable"),
+        paths=("fused", "portable"), pool=True,
         settings={"chunks": (1, 2, 3, 4, 8), "placement": ("contiguous", "zigzag")},
     )
     default_cache = "cpu"
-    pregenerate = False
 
     def __init__(
         self,
@@ -329,8 +108,7 @@ class RingDilatedAttention(Attention):
         seq_len: int | None = None,
         timeout_s: float | None = None,
     ) -> None:
-        check_dims(num_heads, head_dim)
-        pattern = build_pattern(num_heads, segment_lengths, dilation_rates, offsets, heads)
+        super().__init__(num_heads, head_dim, segment_lengths, dilation_rates, offsets, heads, cache=cache, pool=pool)
         if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
             raise ConfigError("attention.chunks", chunks, "must be an integer >= 1")
         check_placement(placement)
@@ -340,21 +118,11 @@ class RingDilatedAttention(Attention):
         if timeout_s is not None and (isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float))
                                       or not timeout_s > 0):
             raise ConfigError("attention.timeout_s", timeout_s, "must be a number of seconds > 0")
-        if cache is None:
-            from dilexp.cache import build_cache
-
-            cache = build_cache(self.default_cache)
-        super().__init__(num_heads, head_dim, cache=cache, pool=pool)
-        self.pattern = pattern
-        self.branches = tuple(pattern.branches(num_heads))
         self.chunks = chunks
         self.placement = placement
         self.group_setting = group
         self._timeout_s = None if timeout_s is None else float(timeout_s)
-        self.scale = 1.0 / math.sqrt(head_dim)
-        self._sig = (pattern.segment_lengths, pattern.dilation_rates, pattern.offsets, pattern.heads, num_heads)
         self._global_len: int | None = None
-        self._prepared: set[tuple[Any, ...]] = set()
         self._stats = {"calls": 0, "steps": 0, "skipped_steps": 0, "bytes_sent": 0}
         # Tests flip this to run the portable kernel on CPU.
         self.use_fused = True
@@ -422,8 +190,8 @@ class RingDilatedAttention(Attention):
 
     def ring_plan(self, lay: Layout, causal: bool, device: torch.device | str) -> RingPlan:
         """Every op of one call shape, through the cache: one lookup per call, not one per pair."""
-        key = ("ring_plan", self._sig, lay.n, lay.world, lay.rank, self.chunks, self.placement, causal)
-        return self.cache.get_or_build(key, lambda: build_ring_plan(self.branches, lay, causal), device)
+        key = ring_key(self.pattern, self.num_heads, lay, self.chunks, self.placement, causal)
+        return self.lookup(key, lambda: build_ring_plan(self.branches, lay, causal), device)
 
     def layout(self, n: int, causal: bool, group: Any = None) -> Layout:
         rank, world = group_rank_world(group)
@@ -434,16 +202,7 @@ class RingDilatedAttention(Attention):
         group = self.resolve_group()
         _, world = group_rank_world(group)
         check_shardable(n, world)
-        flags = (False, True) if causal is None else (causal,)
-        ctx = getattr(self.cache, "pregenerating", None)
-        if self.pregenerate and ctx is not None:
-            with ctx():
-                self._build_all(n, device, flags, group)
-        else:
-            self._build_all(n, device, flags, group)
-
-    def _build_all(self, n: int, device: torch.device | str, flags: tuple[bool, ...], group: Any) -> None:
-        for c in flags:
+        for c in (False, True) if causal is None else (causal,):
             self.ring_plan(self.layout(n, c, group), c, device)
 
     # -- stats -------------------------------------------------------------------------
@@ -473,7 +232,7 @@ class RingDilatedAttention(Attention):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False) -> torch.Tensor:
         """q, k, v: this rank's shard (B, N_local, H, D) (the whole sequence single-process)."""
-        return _RingFunction.apply(q, k, v, self._runner(q, k, v, causal))
+        return RingFunction.apply(q, k, v, self._runner(q, k, v, causal))
 
     def forward_lse(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False
@@ -486,35 +245,28 @@ class RingDilatedAttention(Attention):
         runner.complete_lse(lse)
         return out, lse
 
-    def _runner(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> _Runner:
+    def _runner(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Runner:
         self._check_input(q, k, v)
         group = self.resolve_group()
         rank, world = group_rank_world(group)
         n = self._resolve_len(q.shape[1], group, rank, world, q.device)
-        if self.pregenerate:
-            # Only the mask this call uses: a plan for the other one would be held for nothing.
-            key = (n, rank, world, q.device, bool(causal))
-            if key not in self._prepared:
-                self.prepare(n, q.device, bool(causal))
-                self._prepared.add(key)
         lay = self.layout(n, bool(causal), group)
-        return _Runner(self, lay, group, bool(causal), q.device)
+        return Runner(self, lay, group, bool(causal), q.device)
 
 
 @register("ring_v2")
 class RingV2Attention(RingDilatedAttention):
     """Ring dilated attention; patterns built on first use through the cache (default ``cpu``)."""
 
-    default_cache = "cpu"
-    pregenerate = False
-
 
 @register("ring_v3")
 class RingV3Attention(RingDilatedAttention):
     """ring_v2 with every pattern of a shape pre-generated before the first call (default cache ``gpu``)."""
 
+    # Its only difference: the two-tier cache, whose ``pregenerate`` setting has every plan
+    # built ahead of its first use (``Attention.lookup``); conf/attention/ring_v3.yaml
+    # picks the same default for Hydra runs.
     default_cache = "gpu"
-    pregenerate = True
 
 
 def configure_ring(module: torch.nn.Module, global_len: int) -> int:

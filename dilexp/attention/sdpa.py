@@ -5,28 +5,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dilexp.attention._kernels import check_dims
 from dilexp.attention.base import Attention, Capabilities
 from dilexp.attention.registry import register
-from dilexp.cache.base import PatternCache
-from dilexp.memory.base import MemoryPool
 
 
 @register("sdpa")
 class SDPAttention(Attention):
     """Every query sees every key (every earlier key when causal)."""
 
+    # No pool: the fused kernel allocates its output itself, and there is nothing else.
     capabilities = Capabilities(pattern="full")
-
-    def __init__(
-        self,
-        num_heads: int,
-        head_dim: int,
-        cache: PatternCache | None = None,
-        pool: MemoryPool | None = None,
-    ) -> None:
-        check_dims(num_heads, head_dim)
-        super().__init__(num_heads, head_dim, cache=cache, pool=pool)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = False

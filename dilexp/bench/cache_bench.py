@@ -19,7 +19,8 @@ from dilexp.bench.settings import BenchSettings
 from dilexp.bench.stats import cache_columns
 from dilexp.bench.timing import is_oom, spread
 from dilexp.cache import PatternCache, build_cache, pattern_nbytes
-from dilexp.patterns.dilated import DilatedPattern, segment_positions
+from dilexp.patterns.dilated import DilatedPattern
+from dilexp.patterns.gather import gather_entry, positions_entry
 
 
 def per_call_ns(calls: int, repeats: int, warmup: int, batch: Callable[[], None],
@@ -44,15 +45,12 @@ def per_call_ns(calls: int, repeats: int, warmup: int, batch: Callable[[], None]
     return out
 
 
-def realistic_pattern(attn: Attention | None, n: int) -> tuple[tuple[Any, ...], Callable[[], Any]]:
-    """The key and build of the first branch of the attention's pattern at N, as variants use them."""
+def realistic_pattern(attn: Attention | None, n: int, causal: bool) -> tuple[tuple[Any, ...], Callable[[], Any]]:
+    """The key and build of the plan a dilated attention looks up at N (patterns/gather.py)."""
     pattern = getattr(attn, "pattern", None)
     if isinstance(pattern, DilatedPattern) and attn is not None:
-        b = pattern.branches(attn.num_heads)[0]
-        w, r, o = b.segment_length, b.dilation_rate, b.offset
-    else:
-        w, r, o = n, 1, 0  # full attention: one segment, every position
-    return ("dilated_idx", n, w, r, o), lambda: segment_positions(n, w, r, o)
+        return gather_entry(pattern, n, attn.num_heads, causal)
+    return positions_entry(n, n, 1, 0)  # full attention: one segment, every position
 
 
 def cache_rows(s: BenchSettings, device: torch.device, attn: Attention | None, strategy: str,
@@ -61,7 +59,7 @@ def cache_rows(s: BenchSettings, device: torch.device, attn: Attention | None, s
     and the cache counters of that operation alone (a hit batch must show only hits)."""
     cache: PatternCache = build_cache(strategy, **settings)
     cache.clear()
-    key, build = realistic_pattern(attn, n)
+    key, build = realistic_pattern(attn, n, s.causal)
     cpu = torch.device("cpu")
     base = {"target": "cache", "variant": strategy, "role": "main", "seq_len": n, "device": str(device),
             "warmup": s.warmup, "repeats": s.repeats, "status": "ok"}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from dilexp.attention import Attention, available
+from dilexp.attention import Attention, available, capabilities
 from dilexp.attention.registry import settings_of
 from dilexp.bench.settings import BenchSettings
 from dilexp.cache import PatternCache, collect_stats
@@ -30,7 +30,8 @@ COMPARE_MEMORY = "compare_memory"
 
 def with_attention(cfg: DictConfig, name: str, keep_settings: bool) -> DictConfig:
     """A copy of ``cfg`` whose attention is ``name``: with the same pattern settings
-    (a compared variant computes the same function), or none (full SDPA)."""
+    (a compared variant computes the same function), or none (full SDPA). A variant that
+    takes no pool (sdpa) gets ``memory=none``: it would refuse the run's pool."""
     out = copy.deepcopy(cfg)
     with open_dict(out):
         if keep_settings:
@@ -41,6 +42,8 @@ def with_attention(cfg: DictConfig, name: str, keep_settings: bool) -> DictConfi
             out.attention = OmegaConf.create({"name": name, **kept})
         else:
             out.attention = OmegaConf.create({"name": name})
+        if name in available() and not capabilities(name).pool:
+            out.memory = OmegaConf.create({"kind": "none"})  # it has no buffers to take from a pool
     return out
 
 

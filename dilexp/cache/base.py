@@ -10,6 +10,7 @@ that dtype in the key.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable, Iterator
 from contextlib import contextmanager
@@ -107,6 +108,32 @@ def make_stats(**counters: float) -> dict[str, float]:
     calls = out["hits"] + out["misses"]
     out["hit_rate"] = out["hits"] / calls if calls else 0.0
     return out
+
+
+class Counters:
+    """The running counters of a strategy (the counter half of ``STAT_KEYS``).
+
+    Levels (entries, bytes, per tier) are read from the stores when stats are taken, so
+    ``stats(**levels)`` is the whole flat dict. Callers guard it with their own lock.
+    """
+
+    __slots__ = ("hits", "misses", "evictions", "promotions", "demotions", "h2d_copies", "h2d_bytes",
+                 "pregenerated", "build_s", "lookup_s")
+
+    def __init__(self) -> None:
+        for name in self.__slots__:
+            setattr(self, name, 0)
+
+    def stats(self, **levels: float) -> dict[str, float]:
+        return make_stats(**{name: getattr(self, name) for name in self.__slots__}, **levels)
+
+
+def timed_build(build_fn: BuildFn, device: torch.device) -> tuple[Pattern, Pattern, float]:
+    """(built, served on ``device``, seconds): a miss's build, and its copy to the device, timed."""
+    t0 = time.perf_counter()
+    built = build_fn()
+    served = pattern_to(built, device)
+    return built, served, time.perf_counter() - t0
 
 
 class PatternCache(ABC):

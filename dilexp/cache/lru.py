@@ -17,16 +17,8 @@ from typing import Any
 import torch
 
 from dilexp.cache import settings as S
-from dilexp.cache.base import (
-    CPU,
-    BuildFn,
-    Pattern,
-    PatternCache,
-    as_device,
-    make_stats,
-    pattern_nbytes,
-    pattern_to,
-)
+from dilexp.cache.base import CPU, BuildFn, Counters, Pattern, PatternCache, as_device, pattern_nbytes, pattern_to
+from dilexp.cache.base import timed_build as _timed_build
 
 Slot = tuple[Hashable, torch.device]
 
@@ -65,13 +57,7 @@ class LRUCache(PatternCache):
         # slot -> (pattern on host, nbytes, whether hits copy it to the slot's device)
         self._store: OrderedDict[Slot, tuple[Pattern, int, bool]] = OrderedDict()
         self._bytes = 0
-        self._hits = 0
-        self._misses = 0
-        self._evictions = 0
-        self._h2d_copies = 0
-        self._h2d_bytes = 0
-        self._build_s = 0.0
-        self._lookup_s = 0.0
+        self._n = Counters()
         self.max_entries = S.DEFAULT_MAX_ENTRIES
         self.max_bytes = S.DEFAULT_MAX_BYTES
         self.configure(max_entries=max_entries, max_bytes=max_bytes, _defaults=True)
@@ -102,7 +88,7 @@ class LRUCache(PatternCache):
             entry = self._store.get(slot)
             if entry is not None:
                 self._store.move_to_end(slot)
-                self._hits += 1
+                self._n.hits += 1
         if entry is None:
             return self._miss(slot, build_fn, device)
         pattern, nbytes, needs_copy = entry
@@ -112,25 +98,22 @@ class LRUCache(PatternCache):
         out = pattern_to(pattern, device)
         dt = time.perf_counter() - t0
         with self._lock:
-            self._h2d_copies += 1
-            self._h2d_bytes += nbytes
-            self._lookup_s += dt
+            self._n.h2d_copies += 1
+            self._n.h2d_bytes += nbytes
+            self._n.lookup_s += dt
         return out
 
     def _miss(self, slot: Slot, build_fn: BuildFn, device: torch.device) -> Pattern:
-        t0 = time.perf_counter()
-        built = build_fn()
-        served = pattern_to(built, device)
-        dt = time.perf_counter() - t0
+        built, served, dt = _timed_build(build_fn, device)
         stored, needs_copy = host_copy(built, served, device)
         nbytes = pattern_nbytes(stored)
         with self._lock:
-            self._misses += 1
-            self._build_s += dt
+            self._n.misses += 1
+            self._n.build_s += dt
             if slot in self._store:
                 self._store.move_to_end(slot)
             elif nbytes > self.max_bytes:
-                self._evictions += 1
+                self._n.evictions += 1
             else:
                 self._store[slot] = (stored, nbytes, needs_copy)
                 self._bytes += nbytes
@@ -142,24 +125,12 @@ class LRUCache(PatternCache):
         while store and (len(store) > self.max_entries or self._bytes > self.max_bytes):
             _, (_, nbytes, _) = store.popitem(last=False)
             self._bytes -= nbytes
-            self._evictions += 1
+            self._n.evictions += 1
 
     def stats(self) -> dict[str, float]:
         with self._lock:
             n = len(self._store)
-            return make_stats(
-                hits=self._hits,
-                misses=self._misses,
-                evictions=self._evictions,
-                entries=n,
-                bytes=self._bytes,
-                cold_entries=n,
-                cold_bytes=self._bytes,
-                h2d_copies=self._h2d_copies,
-                h2d_bytes=self._h2d_bytes,
-                build_s=self._build_s,
-                lookup_s=self._lookup_s,
-            )
+            return self._n.stats(entries=n, bytes=self._bytes, cold_entries=n, cold_bytes=self._bytes)
 
     def keys(self) -> list[Hashable]:
         """Stored keys, least recently used first."""

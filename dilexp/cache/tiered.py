@@ -34,17 +34,18 @@ from typing import Any
 
 import torch
 
+from dilexp.cache import base as B
 from dilexp.cache import settings as S
-from dilexp.cache.base import (
-    BuildFn,
-    Pattern,
-    PatternCache,
-    as_device,
-    make_stats,
-    pattern_nbytes,
-    pattern_to,
-)
 from dilexp.cache.lru import Slot, host_copy
+
+# (setting, environment variable, default, parser) of every setting, in ``SETTINGS`` order.
+_SPECS = (
+    ("hot_max_bytes", S.ENV_HOT_MAX_BYTES, S.DEFAULT_HOT_MAX_BYTES, S.byte_size),
+    ("max_entries", S.ENV_MAX_ENTRIES, S.DEFAULT_MAX_ENTRIES, S.positive_int),
+    ("max_bytes", S.ENV_MAX_BYTES, S.DEFAULT_MAX_BYTES, S.byte_size),
+    ("promote_after", S.ENV_PROMOTE_AFTER, S.DEFAULT_PROMOTE_AFTER, S.positive_int),
+    ("pregenerate", S.ENV_PREGENERATE, S.DEFAULT_PREGENERATE, S.boolean),
+)
 
 
 class _Cold:
@@ -52,43 +53,28 @@ class _Cold:
 
     __slots__ = ("pattern", "nbytes", "needs_copy", "hits")
 
-    def __init__(self, pattern: Pattern, nbytes: int, needs_copy: bool) -> None:
+    def __init__(self, pattern: B.Pattern, nbytes: int, needs_copy: bool) -> None:
         self.pattern = pattern
         self.nbytes = nbytes
         self.needs_copy = needs_copy
         self.hits = 0
 
 
-class TwoTierCache(PatternCache):
+class TwoTierCache(B.PatternCache):
     """Hot tier on the compute device, cold tier on the host; see the module docstring."""
 
     name = "gpu"
     SETTINGS = ("hot_max_bytes", "max_entries", "max_bytes", "promote_after", "pregenerate")
     process_wide = True
 
-    def __init__(
-        self,
-        hot_max_bytes: Any = None,
-        max_entries: Any = None,
-        max_bytes: Any = None,
-        promote_after: Any = None,
-        pregenerate: Any = None,
-    ) -> None:
+    def __init__(self, **settings: Any) -> None:
+        """``settings``: any of ``SETTINGS``; one left out takes its environment/built-in default."""
         self._lock = threading.Lock()
-        self._hot: OrderedDict[Slot, tuple[Pattern, int]] = OrderedDict()
+        self._hot: OrderedDict[Slot, tuple[B.Pattern, int]] = OrderedDict()
         self._cold: OrderedDict[Slot, _Cold] = OrderedDict()
         self._hot_bytes = 0
         self._cold_bytes = 0
-        self._hits = 0
-        self._misses = 0
-        self._evictions = 0
-        self._promotions = 0
-        self._demotions = 0
-        self._h2d_copies = 0
-        self._h2d_bytes = 0
-        self._pregenerated = 0
-        self._build_s = 0.0
-        self._lookup_s = 0.0
+        self._n = B.Counters()
         # Pregeneration is per thread (another thread's lookups keep counting); the
         # shared counter lets the common case skip the thread-local read.
         self._tls = threading.local()
@@ -98,32 +84,20 @@ class TwoTierCache(PatternCache):
         self.max_bytes = S.DEFAULT_MAX_BYTES
         self.promote_after = S.DEFAULT_PROMOTE_AFTER
         self.pregenerate = S.DEFAULT_PREGENERATE
-        self.configure(hot_max_bytes, max_entries, max_bytes, promote_after, pregenerate, _defaults=True)
+        self.configure(**settings, _defaults=True)
 
-    def configure(
-        self,
-        hot_max_bytes: Any = None,
-        max_entries: Any = None,
-        max_bytes: Any = None,
-        promote_after: Any = None,
-        pregenerate: Any = None,
-        _defaults: bool = False,
-    ) -> None:
+    def configure(self, _defaults: bool = False, **settings: Any) -> None:
         """Change the settings of this (shared) instance, demoting/evicting down to the limits.
 
-        Settings left as None keep their current value (or, on construction, take the
+        Settings left out or None keep their current value (or, on construction, take the
         environment/built-in default).
         """
-        specs = (
-            ("hot_max_bytes", hot_max_bytes, S.ENV_HOT_MAX_BYTES, S.DEFAULT_HOT_MAX_BYTES, S.byte_size),
-            ("max_entries", max_entries, S.ENV_MAX_ENTRIES, S.DEFAULT_MAX_ENTRIES, S.positive_int),
-            ("max_bytes", max_bytes, S.ENV_MAX_BYTES, S.DEFAULT_MAX_BYTES, S.byte_size),
-            ("promote_after", promote_after, S.ENV_PROMOTE_AFTER, S.DEFAULT_PROMOTE_AFTER, S.positive_int),
-            ("pregenerate", pregenerate, S.ENV_PREGENERATE, S.DEFAULT_PREGENERATE, S.boolean),
-        )
+        unknown = sorted(set(settings) - set(self.SETTINGS))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}: unknown settings {unknown} (known: {list(self.SETTINGS)})")
         # Parse everything before changing anything: a bad value leaves the cache as it was.
-        parsed = {name: S.setting(name, value, env, default, parse)
-                  for name, value, env, default, parse in specs if value is not None or _defaults}
+        parsed = {name: S.setting(name, settings.get(name), env, default, parse)
+                  for name, env, default, parse in _SPECS if settings.get(name) is not None or _defaults}
         with self._lock:
             for name, value in parsed.items():
                 setattr(self, name, value)
@@ -132,8 +106,8 @@ class TwoTierCache(PatternCache):
 
     # -- lookups ---------------------------------------------------------------------
 
-    def get_or_build(self, key: Hashable, build_fn: BuildFn, device: torch.device | str | None) -> Pattern:
-        device = as_device(device)
+    def get_or_build(self, key: Hashable, build_fn: B.BuildFn, device: torch.device | str | None) -> B.Pattern:
+        device = B.as_device(device)
         slot = (key, device)
         pregen = self._pregen_active > 0 and getattr(self._tls, "depth", 0) > 0
         with self._lock:
@@ -141,13 +115,13 @@ class TwoTierCache(PatternCache):
             if hot is not None:
                 self._hot.move_to_end(slot)
                 if not pregen:
-                    self._hits += 1
+                    self._n.hits += 1
                 return hot[0]
             cold = self._cold.get(slot)
             if cold is not None:
                 self._cold.move_to_end(slot)
                 if not pregen:
-                    self._hits += 1
+                    self._n.hits += 1
                     cold.hits += 1
                 promote = pregen or cold.hits >= self.promote_after
                 pattern, nbytes, needs_copy = cold.pattern, cold.nbytes, cold.needs_copy
@@ -158,13 +132,13 @@ class TwoTierCache(PatternCache):
         dt = 0.0
         if needs_copy:
             t0 = time.perf_counter()
-            pattern = pattern_to(pattern, device)
+            pattern = B.pattern_to(pattern, device)
             dt = time.perf_counter() - t0
         with self._lock:
             if needs_copy:
-                self._h2d_copies += 1
-                self._h2d_bytes += nbytes
-                self._lookup_s += dt
+                self._n.h2d_copies += 1
+                self._n.h2d_bytes += nbytes
+                self._n.lookup_s += dt
             # The entry may have been promoted, evicted or cleared while we copied.
             if promote and self._cold.get(slot) is cold and nbytes <= self.hot_max_bytes:
                 del self._cold[slot]
@@ -172,24 +146,21 @@ class TwoTierCache(PatternCache):
                 self._make_room_locked(nbytes)
                 self._hot[slot] = (pattern, nbytes)
                 self._hot_bytes += nbytes
-                self._promotions += 1
+                self._n.promotions += 1
         return pattern
 
-    def _miss(self, slot: Slot, build_fn: BuildFn, device: torch.device, pregen: bool) -> Pattern:
-        t0 = time.perf_counter()
-        built = build_fn()
-        served = pattern_to(built, device)
-        dt = time.perf_counter() - t0
-        nbytes = pattern_nbytes(served)
+    def _miss(self, slot: Slot, build_fn: B.BuildFn, device: torch.device, pregen: bool) -> B.Pattern:
+        built, served, dt = B.timed_build(build_fn, device)
+        nbytes = B.pattern_nbytes(served)
         to_hot = pregen and nbytes <= self.hot_max_bytes
         # The host copy is made outside the lock (it may be a device-to-host transfer).
         stored, needs_copy = (served, False) if to_hot else host_copy(built, served, device)
         with self._lock:
-            self._build_s += dt
+            self._n.build_s += dt
             if pregen:
-                self._pregenerated += 1
+                self._n.pregenerated += 1
             else:
-                self._misses += 1
+                self._n.misses += 1
             if slot in self._hot or slot in self._cold:
                 return served  # another thread stored it first
             if to_hot:
@@ -208,15 +179,15 @@ class TwoTierCache(PatternCache):
         while hot and self._hot_bytes + nbytes > self.hot_max_bytes:
             slot, (pattern, size) = hot.popitem(last=False)
             self._hot_bytes -= size
-            self._demotions += 1
+            self._n.demotions += 1
             # Under the lock: a device-to-host copy on GPU, a no-op on CPU. Demotions
             # only happen under hot-tier pressure, so this is off the steady-state path.
             stored, needs_copy = host_copy(pattern, pattern, slot[1])
             self._store_cold_locked(slot, stored, size, needs_copy)
 
-    def _store_cold_locked(self, slot: Slot, pattern: Pattern, nbytes: int, needs_copy: bool) -> None:
+    def _store_cold_locked(self, slot: Slot, pattern: B.Pattern, nbytes: int, needs_copy: bool) -> None:
         if nbytes > self.max_bytes:
-            self._evictions += 1  # would flush the whole tier: served, not stored
+            self._n.evictions += 1  # would flush the whole tier: served, not stored
             return
         self._cold[slot] = _Cold(pattern, nbytes, needs_copy)
         self._cold_bytes += nbytes
@@ -227,7 +198,7 @@ class TwoTierCache(PatternCache):
         while cold and (len(cold) > self.max_entries or self._cold_bytes > self.max_bytes):
             _, entry = cold.popitem(last=False)
             self._cold_bytes -= entry.nbytes
-            self._evictions += 1
+            self._n.evictions += 1
 
     # -- the rest of the interface -----------------------------------------------------
 
@@ -247,23 +218,13 @@ class TwoTierCache(PatternCache):
 
     def stats(self) -> dict[str, float]:
         with self._lock:
-            return make_stats(
-                hits=self._hits,
-                misses=self._misses,
-                evictions=self._evictions,
+            return self._n.stats(
                 entries=len(self._hot) + len(self._cold),
                 bytes=self._hot_bytes + self._cold_bytes,
                 hot_entries=len(self._hot),
                 hot_bytes=self._hot_bytes,
                 cold_entries=len(self._cold),
                 cold_bytes=self._cold_bytes,
-                promotions=self._promotions,
-                demotions=self._demotions,
-                h2d_copies=self._h2d_copies,
-                h2d_bytes=self._h2d_bytes,
-                pregenerated=self._pregenerated,
-                build_s=self._build_s,
-                lookup_s=self._lookup_s,
             )
 
     def keys(self) -> list[Hashable]:
@@ -273,7 +234,7 @@ class TwoTierCache(PatternCache):
 
     def tier_of(self, key: Hashable, device: torch.device | str | None) -> str | None:
         """Where the pattern for ``key`` on ``device`` lives now: "hot", "cold" or None."""
-        slot = (key, as_device(device))
+        slot = (key, B.as_device(device))
         with self._lock:
             if slot in self._hot:
                 return "hot"

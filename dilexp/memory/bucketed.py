@@ -31,74 +31,26 @@ moment they are handed out; past the cap, buffers are tracked weakly as before.
 With ``exact`` a new buffer is sized to its request (rounded to 512 bytes) rather than to
 the top of its bucket, and a buffer serves any later request of its bucket that fits in
 it: no slack, so a pool holds no more than plain allocation would.
+
+Request planning lives in ``_bucket_plan``, leases and reclaim in ``_leases``.
 """
 
 from __future__ import annotations
 
-import bisect
-import math
 import threading
-import weakref
 from collections import OrderedDict, deque
-from typing import Any, NamedTuple
 
 import torch
 
 from dilexp.errors import ConfigError
+from dilexp.memory._bucket_plan import ALIGN, FreeKey, Planner, RequestPlan, check_float, resolve_device, stream_id
+from dilexp.memory._leases import USE_COUNT, Lease, LeaseBook
 from dilexp.memory.base import DeviceLike, MemoryPool, Shape, parse_bytes
 
-# The CUDA caching allocator rounds every block to 512 bytes, so finer buckets would not
-# save device memory, only split reuse.
-ALIGN = 512
-_LARGEST = 1 << 50
 _OOM: type[BaseException] = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
-_PLAN_MEMO_MAX = 4096
-# torch's count of references to a storage (private, present since torch 2.1): without
-# it nothing can be reclaimed, and ``reclaim`` is a no-op.
-_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
-
-# (device, dtype, bucket index, CUDA stream id or 0, made in inference mode)
-FreeKey = tuple[torch.device, torch.dtype, int, int, bool]
 
 
-class _Plan(NamedTuple):
-    """Everything about a (shape, dtype, device) request that does not change between calls."""
-
-    strides: tuple[int, ...]
-    nbytes: int
-    cap_elems: int
-    cap_bytes: int
-    bucket: int
-    device: torch.device | None  # None: "cuda" with no index, resolved on every call
-    keys: tuple[FreeKey, FreeKey] | None  # (normal, inference mode); None on CUDA: stream read per call
-
-
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides = []
-    step = 1
-    for d in reversed(shape):
-        strides.append(step)
-        step *= max(d, 1)
-    return tuple(reversed(strides))
-
-
-def _stream_id(dev: torch.device) -> int:
-    return torch.cuda.current_stream(dev).stream_id
-
-
-def _check_float(field: str, value: Any, low: float, high: float, low_open: bool = False) -> float:
-    try:
-        x = float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(field, value, "expected a number") from None
-    ok = (x > low if low_open else x >= low) and x <= high
-    if not ok:
-        lo = "(" if low_open else "["
-        raise ConfigError(field, value, f"must be in {lo}{low}, {high}]")
-    return x
-
-
-class BucketedPool(MemoryPool):
+class BucketedPool(LeaseBook, MemoryPool):
     """Size-bucketed reuse of released buffers, with a byte cap and cleanup under pressure.
 
     Args:
@@ -138,11 +90,11 @@ class BucketedPool(MemoryPool):
         reclaim_idle_requests: int = 1024,
     ) -> None:
         self.max_bytes = parse_bytes("memory.max_bytes", max_bytes)
-        self.growth = _check_float("memory.growth", growth, 1.0, 16.0, low_open=True)
+        self.growth = check_float("memory.growth", growth, 1.0, 16.0, low_open=True)
         smallest = parse_bytes("memory.min_bucket_bytes", min_bucket_bytes)
         if smallest is None or smallest < 1:
             raise ConfigError("memory.min_bucket_bytes", min_bucket_bytes, "must be >= 1")
-        self.min_free_fraction = _check_float("memory.min_free_fraction", min_free_fraction, 0.0, 1.0)
+        self.min_free_fraction = check_float("memory.min_free_fraction", min_free_fraction, 0.0, 1.0)
         self.min_free_bytes = parse_bytes("memory.min_free_bytes", min_free_bytes) or 0
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
             raise ConfigError("memory.check_every", check_every, "must be an integer >= 1")
@@ -150,15 +102,15 @@ class BucketedPool(MemoryPool):
         for field, flag in (("memory.reclaim", reclaim), ("memory.exact", exact)):
             if not isinstance(flag, bool):
                 raise ConfigError(field, flag, "must be true or false")
-        self.reclaim = reclaim and _USE_COUNT is not None
+        self.reclaim = reclaim and USE_COUNT is not None
         if (isinstance(reclaim_idle_requests, bool) or not isinstance(reclaim_idle_requests, int)
                 or reclaim_idle_requests < 1):
             raise ConfigError("memory.reclaim_idle_requests", reclaim_idle_requests, "must be an integer >= 1")
         self.reclaim_idle_requests = reclaim_idle_requests
         self.exact = exact
 
-        self._sizes = self._bucket_sizes(smallest, self.growth)
-        self._plans: dict[tuple[Any, torch.dtype, Any], _Plan] = {}
+        self._planner = Planner(smallest, self.growth, exact)
+        self._plans = self._planner.plans  # read directly on the hot path
         self._lock = threading.Lock()
         # Free lists per key, newest last (reuse the warmest buffer); entries (token, buffer, bytes).
         self._free: dict[FreeKey, deque[tuple[int, torch.Tensor, int]]] = {}
@@ -166,7 +118,7 @@ class BucketedPool(MemoryPool):
         self._lru: OrderedDict[int, FreeKey] = OrderedDict()
         self._token = 0
         # id(buffer) -> (weak ref, key, bytes held, bytes asked for)
-        self._in_use: dict[int, tuple[weakref.ref[torch.Tensor], FreeKey, int, int]] = {}
+        self._in_use: dict[int, Lease] = {}
         # Reclaimable storages per key: storage data pointer -> (storage, bytes, id of the
         # tensor last handed out on it, request count then). Only with ``reclaim``.
         self._lent: dict[FreeKey, dict[int, tuple[torch.UntypedStorage, int, int, int]]] = {}
@@ -205,7 +157,7 @@ class BucketedPool(MemoryPool):
             shape = (shape,) if isinstance(shape, int) else tuple(shape)
         plan = self._plans.get((shape, dtype, device))
         if plan is None:
-            plan = self._plan(shape, dtype, device)
+            plan = self._planner.plan(shape, dtype, device)
         dev = plan.device
         if dev is None:
             dev = torch.device("cuda", torch.cuda.current_device())
@@ -217,7 +169,7 @@ class BucketedPool(MemoryPool):
         else:
             # A buffer released on one stream may still be read by queued kernels there;
             # handing it to another stream would race, so streams never share buffers.
-            key = (dev, dtype, plan.bucket, _stream_id(dev), inference)
+            key = (dev, dtype, plan.bucket, stream_id(dev), inference)
 
         out = None
         aged: list[torch.UntypedStorage] | None = None
@@ -272,32 +224,6 @@ class BucketedPool(MemoryPool):
                 return entry
         return None
 
-    def _reclaim(self, key: FreeKey, plan: _Plan, shape: Any, dtype: torch.dtype,
-                 dev: torch.device) -> torch.Tensor | None:
-        # Caller holds the lock. A storage whose only reference is ours has no tensor left
-        # anywhere (caller, views, autograd's saved tensors): handing it out again is safe.
-        lent = self._lent.get(key)
-        if not lent:
-            return None
-        for ptr_, (storage, cap, ident, _) in lent.items():
-            if cap < plan.nbytes or _USE_COUNT(storage._cdata) != 1:
-                continue
-            old = self._in_use.pop(ident, None)
-            if old is not None:
-                if old[0]() is not None:  # id reused by a live tensor: not this storage's lease
-                    self._in_use[ident] = old
-                else:
-                    self._forget(old)
-            del lent[ptr_]
-            self._lent_bytes -= cap
-            self._reuses += 1
-            self._reclaims += 1
-            self._reclaimed_bytes += cap
-            out = torch.empty(0, dtype=dtype, device=dev).set_(storage, 0, shape, plan.strides)
-            self._lease(out, key, cap, plan.nbytes)
-            return out
-        return None
-
     def release(self, t: torch.Tensor) -> None:
         # Handed-out tensors are not views, so a view of one has it as its _base.
         root = t._base
@@ -345,7 +271,7 @@ class BucketedPool(MemoryPool):
         Returns the bytes dropped. Called on pressure and before retrying an allocation
         that ran out of memory; callers may also call it, e.g. after an OOM of their own.
         """
-        dev = None if device is None else self._resolve(device)
+        dev = None if device is None else resolve_device(device)
         with self._lock:
             bufs, nbytes = self._drop_idle(dev)
             self._cleanups += 1
@@ -368,7 +294,7 @@ class BucketedPool(MemoryPool):
             self._sweep()
             requests = self._requests
             reclaimable = sum(cap for lent in self._lent.values() for st, cap, _, _ in lent.values()
-                              if _USE_COUNT(st._cdata) == 1)
+                              if USE_COUNT(st._cdata) == 1)
             return {
                 "requests": float(requests),
                 "reuses": float(self._reuses),
@@ -402,66 +328,15 @@ class BucketedPool(MemoryPool):
 
     def bucket_bytes(self, nbytes: int) -> int:
         """The byte size of the buffer that serves a request of ``nbytes``."""
-        return self._sizes[bisect.bisect_left(self._sizes, nbytes)]
+        return self._planner.bucket_bytes(nbytes)
 
     def __repr__(self) -> str:
         return (f"BucketedPool(max_bytes={self.max_bytes}, growth={self.growth}, "
-                f"buckets={len(self._sizes)}, min_free_fraction={self.min_free_fraction})")
+                f"buckets={len(self._planner.sizes)}, min_free_fraction={self.min_free_fraction})")
 
     # ------------------------------------------------------------------ internals
 
-    @staticmethod
-    def _bucket_sizes(smallest: int, growth: float) -> list[int]:
-        sizes: list[int] = []
-        size = float(smallest)
-        while True:
-            aligned = -(-int(math.ceil(size)) // ALIGN) * ALIGN
-            if sizes and aligned <= sizes[-1]:
-                aligned = sizes[-1] + ALIGN
-            sizes.append(aligned)
-            if aligned >= _LARGEST:
-                return sizes
-            size = max(size * growth, float(aligned))
-
-    @staticmethod
-    def _resolve(device: DeviceLike) -> torch.device:
-        if device is None:
-            return torch.device("cpu")
-        dev = torch.device(device)  # an int means a CUDA ordinal here, as in torch
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        return dev
-
-    def _plan(self, shape: Any, dtype: torch.dtype, device: DeviceLike) -> _Plan:
-        dims = tuple(int(d) for d in shape)
-        if any(d < 0 for d in dims):
-            raise ValueError(f"memory pool: negative dimension in shape {dims}")
-        itemsize = dtype.itemsize
-        nbytes = math.prod(dims) * itemsize
-        bucket = bisect.bisect_left(self._sizes, nbytes)
-        if bucket == len(self._sizes):
-            raise ValueError(f"memory pool: a buffer of {nbytes} bytes is beyond the largest bucket")
-        top = -(-nbytes // ALIGN) * ALIGN if self.exact else self._sizes[bucket]
-        cap_elems = -(-top // itemsize)
-        dev = self._resolve(device)
-        # "cuda" without an index follows torch.cuda.set_device, so it is resolved per call.
-        per_call_device = dev.type == "cuda" and torch.device(device).index is None
-        keys = None if dev.type == "cuda" else ((dev, dtype, bucket, 0, False), (dev, dtype, bucket, 0, True))
-        plan = _Plan(
-            strides=_contiguous_strides(dims),
-            nbytes=nbytes,
-            cap_elems=cap_elems,
-            cap_bytes=cap_elems * itemsize,
-            bucket=bucket,
-            device=None if per_call_device else dev,
-            keys=keys,
-        )
-        if len(self._plans) >= _PLAN_MEMO_MAX:  # shapes that never repeat must not grow it forever
-            self._plans.clear()
-        self._plans[(shape, dtype, device)] = plan
-        return plan
-
-    def _allocate(self, plan: _Plan, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    def _allocate(self, plan: RequestPlan, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
         try:
             return torch.empty(plan.cap_elems, dtype=dtype, device=dev)
         except _OOM:
@@ -471,73 +346,6 @@ class BucketedPool(MemoryPool):
             with self._lock:
                 self._oom_retries += 1
             return torch.empty(plan.cap_elems, dtype=dtype, device=dev)
-
-    def _lease(self, buf: torch.Tensor, key: FreeKey, cap: int, asked: int) -> None:
-        # Caller holds the lock.
-        ident = id(buf)
-        stale = self._in_use.get(ident)
-        if stale is not None:  # its buffer died unreleased and its id was reused
-            self._forget(stale)
-        self._in_use[ident] = (weakref.ref(buf), key, cap, asked)
-        self._in_use_bytes += cap
-        self._slack += cap - asked
-        if self.reclaim and cap:
-            self._lend(buf, key, cap, ident)
-        if self._in_use_bytes > self._peak_in_use:
-            self._peak_in_use = self._in_use_bytes
-        if len(self._in_use) > self._sweep_at:
-            self._sweep()
-
-    def _lend(self, buf: torch.Tensor, key: FreeKey, cap: int, ident: int) -> None:
-        # Caller holds the lock. Remember the storage so it can be reclaimed once dropped.
-        storage = buf.untyped_storage()
-        lent = self._lent.setdefault(key, {})
-        known = lent.get(storage.data_ptr())
-        if known is not None:
-            lent[storage.data_ptr()] = (known[0], known[1], ident, self._requests)
-            return
-        if self.max_bytes is not None and self._lent_bytes + cap > self.max_bytes:
-            return  # past the cap the buffer is tracked weakly, as without reclaim
-        lent[storage.data_ptr()] = (storage, cap, ident, self._requests)
-        self._lent_bytes += cap
-
-    def _unlend(self, key: FreeKey, buf: torch.Tensor) -> None:
-        # Caller holds the lock. A released buffer lives on the free list instead.
-        lent = self._lent.get(key)
-        if lent:
-            entry = lent.pop(buf.untyped_storage().data_ptr(), None)
-            if entry is not None:
-                self._lent_bytes -= entry[1]
-
-    def _drop_reclaimable(self, dev: torch.device | None, lent_before: int | None = None
-                          ) -> list[torch.UntypedStorage]:
-        # Caller holds the lock. Their bytes were counted as dropped when their tensors died.
-        out = []
-        for key, lent in self._lent.items():
-            if dev is not None and key[0] != dev:
-                continue
-            idle = [p for p, (st, _, _, at) in lent.items()
-                    if (lent_before is None or at < lent_before) and _USE_COUNT(st._cdata) == 1]
-            for ptr_ in idle:
-                st, cap, _, _ = lent.pop(ptr_)
-                self._lent_bytes -= cap
-                out.append(st)
-        return out
-
-    def _forget(self, lease: tuple[weakref.ref[torch.Tensor], FreeKey, int, int]) -> None:
-        # Caller holds the lock and has removed `lease` from _in_use (or is replacing it).
-        _, _, cap, asked = lease
-        self._in_use_bytes -= cap
-        self._slack -= cap - asked
-        self._dropped += 1
-        self._dropped_bytes += cap
-
-    def _sweep(self) -> None:
-        # Caller holds the lock. Amortised: runs when the table doubles, and on stats().
-        dead = [ident for ident, lease in self._in_use.items() if lease[0]() is None]
-        for ident in dead:
-            self._forget(self._in_use.pop(ident))
-        self._sweep_at = max(256, 2 * len(self._in_use))
 
     def _evict_to(self, limit: int) -> list[torch.Tensor]:
         # Caller holds the lock; the returned buffers are to be freed after releasing it.
