@@ -19,7 +19,8 @@ except ImportError:  # a checkout without the SLURM tests
 
 def test_two_task_job_is_one_mesh(slurm: dict[str, str], dilexp_cli, tmp_path: Path) -> None:  # noqa: F811
     sweep = tmp_path / "sweep"
-    proc = dilexp_cli(["-m", "launcher=slurm", *FITS, "hydra.launcher.tasks_per_node=2", "hardware=cp",
+    # tasks_per_node follows hardware.devices (conf/launcher/slurm.yaml): 2 tasks, one rank each.
+    proc = dilexp_cli(["-m", "launcher=slurm", *FITS, "hardware=cp",
                        "hardware.accelerator=cpu", "hardware.devices=2", "hardware.precision=32-true",
                        "hardware.timeout_s=120", "attention=ring_v2", "data.seq_len=64", "task.max_steps=5",
                        "task.log_every_n_steps=1", "task.val_every_n_steps=5", "task.val_batches=1", "logger=csv",
