@@ -3,6 +3,8 @@
 Every run trains the same tiny model from the same seed on the same global batch (8 sequences:
 dp replicas x batch_size x accumulation) for 10 steps; the train loss of each step and the
 validation loss (after steps 5 and 10, over the same 16 sequences) must agree within 1e-4.
+A sharded (2 x 2) checkpoint after 5 steps resumed under (2 x 2) continues with the same losses;
+under another mesh it is refused (one line, exit 2).
 """
 
 from __future__ import annotations
