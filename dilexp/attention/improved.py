@@ -42,8 +42,10 @@ from dilexp.attention._kernels import (
     lse_kernel,
 )
 from dilexp.attention.base import Capabilities, DilatedAttentionBase
+from dilexp.attention._doc_dilated import documents_forward
 from dilexp.attention.registry import register
 from dilexp.memory.base import MemoryPool
+from dilexp.patterns.documents import DocumentLayout
 from dilexp.patterns.strided import BranchPlan, plan_branches, strided_key
 
 
@@ -177,6 +179,12 @@ class ImprovedDilatedAttention(DilatedAttentionBase):
         # hit/miss statistics comparable with the index-based variants.
         p, h = self.pattern, self.num_heads
         return self.lookup(strided_key(p, n, h), lambda: plan_branches(p, n, h), device)
+
+    def forward_documents(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, docs: DocumentLayout
+    ) -> torch.Tensor:
+        """Packed documents: one per-layout gather plan for all documents (``_doc_dilated``); segments bucketed by length, full ones unpadded."""
+        return documents_forward(self, q, k, v, causal, docs, bucketed=True)
 
     def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
         self._plans(n, device)  # one plan serves both masks

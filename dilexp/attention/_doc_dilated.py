@@ -1,0 +1,66 @@
+"""The packed-documents path of ``dilated`` and ``improved`` (issue 18): one per-layout plan
+(``patterns.doc_plans``) from the cache, one gather per (branch, bucket) over the flattened
+(B * N) batch, one batched attention call each, results written back by index.
+
+Autograd runs through it as through ``dilated``: the gathers' backward scatters the
+gradients back, and padded slots carry none (their outputs are dropped; a padded key is
+masked, or only seen by padded queries whose gradient is zero).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from dilexp.attention._kernels import explicit_attention, heads_index, lse_dtype, lse_floor
+from dilexp.attention.base import DilatedAttentionBase
+from dilexp.patterns.doc_plans import DocBucket, build_doc_plan, doc_plan_key
+from dilexp.patterns.documents import DocumentLayout
+
+
+def doc_plan(attn: DilatedAttentionBase, docs: DocumentLayout, causal: bool, bucketed: bool,
+             device: torch.device | str) -> tuple[tuple, ...]:
+    """The layout's plan through the variant's cache: built once per layout, a hit for every
+    later layer of the step."""
+    p, h = attn.pattern, attn.num_heads
+    return attn.lookup(doc_plan_key(p, docs, h, causal, bucketed),
+                       lambda: build_doc_plan(p, docs, h, causal, bucketed), device)
+
+
+def documents_forward(attn: DilatedAttentionBase, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      causal: bool, docs: DocumentLayout, bucketed: bool) -> torch.Tensor:
+    """Every document as its own sequence, all documents batched (see the module docstring)."""
+    attn._check_input(q, k, v)
+    attn._check_layout(q, docs)
+    bsz, n, h, d = q.shape
+    merge = attn.pattern.heads == "all"
+    acc = lse_dtype(q.dtype) if merge else q.dtype
+    flat = [x.reshape(bsz * n, h, d) for x in (q, k, v)]
+    out = torch.zeros(bsz * n, h, d, dtype=acc, device=q.device)
+    run_lse = torch.full((bsz * n, h), lse_floor(acc), dtype=acc, device=q.device) if merge else None
+    for heads_t, buckets in doc_plan(attn, docs, causal, bucketed, q.device):
+        hsel = heads_index(heads_t.tolist()) if heads_t.numel() else []
+        hb = heads_t.numel()
+        for entry in buckets:
+            bk = DocBucket(*entry)
+            segs, slots = bk.idx.shape
+            # (B*N, H, D) -> (S, Hb, L, D): segments of all documents as one batch.
+            qs, ks, vs = (x[:, hsel].index_select(0, bk.idx.reshape(-1)).unflatten(0, (segs, slots)).transpose(1, 2)
+                          for x in flat)
+            where = (bk.pos.unsqueeze(1), heads_t.unsqueeze(0))
+            if run_lse is None:
+                o_b = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=bk.mask, scale=attn.scale,
+                                                     is_causal=causal and bk.mask is None)
+                out[where] = o_b.transpose(1, 2).reshape(segs * slots, hb, d).index_select(0, bk.keep)
+                continue
+            # heads="all": merge this branch into the running output by log-sum-exp.
+            o_b, lse_b = explicit_attention(qs, ks, vs, bk.mask, causal=causal and bk.mask is None,
+                                            scale=attn.scale)
+            o_b = o_b.transpose(1, 2).reshape(segs * slots, hb, d).index_select(0, bk.keep)
+            lse_b = lse_b.transpose(1, 2).reshape(segs * slots, hb).index_select(0, bk.keep)
+            old = run_lse[where]
+            new = torch.logaddexp(old, lse_b)
+            out[where] = out[where] * torch.exp(old - new).unsqueeze(-1) + o_b.to(acc) * torch.exp(
+                lse_b - new).unsqueeze(-1)
+            run_lse[where] = new
+    return out.view(bsz, n, h, d).to(q.dtype)
