@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from dilexp.attention._doc_ring_kernel import doc_op_backward, doc_op_forward
 from dilexp.attention._kernels import fused_ok
 from dilexp.attention._ring_comm import TAG_DKV, TAG_FINAL, TAG_KV, Pending, RingComm
-from dilexp.attention._doc_ring_kernel import doc_op_backward, doc_op_forward
 from dilexp.attention._ring_kernel import _unk, acc_dtype, op_backward, op_forward
-from dilexp.patterns.ring_layout import Layout
 from dilexp.patterns.doc_ring import DocOp
+from dilexp.patterns.ring_layout import Layout
 from dilexp.patterns.ring_ops import HeadRange, RingPlan, causal_masks, masks_key
 
 if TYPE_CHECKING:

@@ -15,9 +15,9 @@ from collections.abc import Hashable
 import torch
 import torch.nn.functional as F
 
+from dilexp.attention._doc_dilated import documents_forward
 from dilexp.attention._kernels import explicit_attention, heads_index, lse_dtype, lse_floor, masked_attention_lse
 from dilexp.attention.base import Capabilities, DilatedAttentionBase
-from dilexp.attention._doc_dilated import documents_forward
 from dilexp.attention.registry import register
 from dilexp.memory.base import MemoryPool
 from dilexp.patterns.documents import DocumentLayout
@@ -63,7 +63,8 @@ class DilatedAttention(DilatedAttentionBase):
     def forward_documents(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, docs: DocumentLayout
     ) -> torch.Tensor:
-        """Packed documents: one per-layout gather plan for all documents (``_doc_dilated``), every segment padded to the longest."""
+        """Packed documents: one per-layout gather plan for all documents (``_doc_dilated``),
+        every segment padded to the longest."""
         return documents_forward(self, q, k, v, causal, docs, bucketed=False)
 
     def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dilexp.attention._doc_dilated import documents_forward
 from dilexp.attention._kernels import (
     LSEKernel,
     explicit_attention,
@@ -42,7 +43,6 @@ from dilexp.attention._kernels import (
     lse_kernel,
 )
 from dilexp.attention.base import Capabilities, DilatedAttentionBase
-from dilexp.attention._doc_dilated import documents_forward
 from dilexp.attention.registry import register
 from dilexp.memory.base import MemoryPool
 from dilexp.patterns.documents import DocumentLayout
@@ -183,7 +183,8 @@ class ImprovedDilatedAttention(DilatedAttentionBase):
     def forward_documents(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, docs: DocumentLayout
     ) -> torch.Tensor:
-        """Packed documents: one per-layout gather plan for all documents (``_doc_dilated``); segments bucketed by length, full ones unpadded."""
+        """Packed documents: one per-layout gather plan for all documents (``_doc_dilated``);
+        segments bucketed by length, full ones unpadded."""
         return documents_forward(self, q, k, v, causal, docs, bucketed=True)
 
     def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
