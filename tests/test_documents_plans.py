@@ -215,3 +215,15 @@ def test_two_ranks_documents_spanning_shards(gloo_group) -> None:
         assert any(c["bytes_sent"] > 0 for c in res["cases"][:-1])  # documents across shards do travel
         assert res["cases"][-1]["bytes_sent"] == 0, (r, res["cases"][-1])
     json.dumps(results)
+
+
+@pytest.mark.parametrize("path", ["fused", "portable"])
+def test_improved_paths_over_documents(path: str) -> None:
+    """improved's fused document node (causal, no masks) and its autograd path agree with the reference."""
+    rng = random.Random(5)
+    for causal in (False, True):
+        attn = _build("improved", "grouped")
+        attn.use_path(path)
+        lay = random_layout(rng, 3, 50)
+        err, gerr, _ = _errors(attn, lay, causal, seed=11)
+        assert err < 1e-10 and gerr < 1e-10, (path, causal, lay.rows, err, gerr)

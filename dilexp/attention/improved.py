@@ -185,7 +185,8 @@ class ImprovedDilatedAttention(DilatedAttentionBase):
     ) -> torch.Tensor:
         """Packed documents: one per-layout gather plan for all documents (``_doc_dilated``);
         segments bucketed by length, full ones unpadded."""
-        return documents_forward(self, q, k, v, causal, docs, bucketed=True)
+        kernel = lse_kernel(q) if self.use_cpu_flash else None
+        return documents_forward(self, q, k, v, causal, docs, bucketed=True, kernel=kernel)
 
     def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
         self._plans(n, device)  # one plan serves both masks
