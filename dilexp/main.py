@@ -169,8 +169,10 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    from dilexp.console import quiet_console
     from dilexp.sweep import objective
 
+    quiet_console()
     # A sweeper that optimises (hparams_search=...) reads `optimized_metric` from the return value.
     return objective(cfg, run_job(cfg))
 

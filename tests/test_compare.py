@@ -218,3 +218,114 @@ def test_globbed_metrics_come_in_numeric_order() -> None:
     keys = ["val/acc_dist/128-255", "val/acc_dist/16-31", "val/acc_dist/2-3", "val/acc_dist/8-15"]
     assert sorted(keys, key=_natural_key) == [
         "val/acc_dist/2-3", "val/acc_dist/8-15", "val/acc_dist/16-31", "val/acc_dist/128-255"]
+
+
+# -- 80 columns, one number format, plots that say what they can and cannot draw ----------------
+
+
+def _bench_sweep(root: Path) -> Path:
+    """Three bench jobs as `task=bench` writes them: each with its sdpa twin, the matmul
+    reference and, for the variants with a pattern cache, hit counts (sdpa has no lookups)."""
+    for i, attention in enumerate(("dilated", "improved", "sdpa")):
+        rows = []
+        for n, base in ((1024, 10.0), (16384, 160.0)):
+            main_row = _bench_row(attention, n, [base * (i + 1) * f for f in (1.0, 1.1, 0.9, 1.05, 0.95)])
+            hits = 0 if attention == "sdpa" else 99
+            main_row.update(cache_hits=hits, cache_misses=0 if attention == "sdpa" else 1,
+                            cache_hit_rate=0.0 if attention == "sdpa" else 0.99, peak_alloc_mb=1234.5 * (i + 1),
+                            speedup_vs_sdpa=34567.0 / (i + 1))
+            rows.append(main_row)
+            rows.append(_bench_row("sdpa", n, [20.0 * n / 1024, 21.0 * n / 1024, 19.0 * n / 1024], role="sdpa"))
+        matmul = {"target": "reference", "variant": "matmul", "role": "reference", "seq_len": 4096,
+                  "dtype": "float32", "mode": "fwd", "status": "ok", "median_ms": 500.0 + i, "tflops": 0.27}
+        _summary(root / "2026-12-04" / f"10-00-00-12345{i}-ab12" / str(i), task="bench",
+                 choices={"attention": attention, "task": "bench"},
+                 overrides=[f"attention={attention}", "task=bench"], bench=[*rows, matmul])
+    return root
+
+
+def test_number_format_is_three_significant_digits_with_thousands_separators() -> None:
+    from dilexp.compare import _fmt
+
+    assert [_fmt(v) for v in (34455.0, 3.416e4, 4e4, 1234567.0, 12.345, 0.5, 0.0523, 999.7, 0.0, -2.5)] == [
+        "34,500", "34,200", "40,000", "1,230,000", "12.3", "0.5", "0.0523", "1,000", "0", "-2.5"]
+    assert _fmt(0.000123) == "1.23e-04"  # below 0.001 an exponent, still 3 digits
+    assert _fmt(None) == "-"
+
+
+@pytest.mark.parametrize("extra", [[], ["--rows", "all"], ["--baseline", "attention=sdpa"],
+                                   ["--metrics", "median_ms,tflops,speedup_vs_sdpa,peak_alloc_mb,cache_hit_rate,"
+                                                 "cache_hits,cache_misses,status"]])
+def test_bench_tables_fit_80_columns_without_breaking_a_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             extra: list[str]) -> None:
+    sweep = _bench_sweep(tmp_path / "multirun")
+    monkeypatch.setenv("COLUMNS", "80")  # the width of a pipe
+    assert main([str(sweep), *extra]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    assert lines and all(len(line) <= 80 for line in lines), "\n".join(x for x in lines if len(x) > 80)
+    words = out.split()
+    # Whole numbers, settings and short paths: nothing cut across two lines.
+    for token in ("34,600", "17,300", "dilated", "improved", "16384", "1,230", "2,470"):
+        assert token in words, (token, out)
+    assert str(tmp_path) not in out  # run folders shortened to the part that differs
+    assert "10-00-00-123450-ab12/0" in words
+    if not extra:
+        # The cache hit column (the run column may come in a second part): sdpa has no lookups.
+        hit = {line.split()[1] + line.split()[2]: line.split()[-1] for line in lines
+               if line.startswith("completed") and "ab12" not in line}
+        assert hit == {"dilated1024": "0.99", "dilated16384": "0.99", "improved1024": "0.99",
+                       "improved16384": "0.99", "sdpa1024": "n/a", "sdpa16384": "n/a"}, out
+    if extra[:2] == ["--rows", "all"]:
+        assert "reference rows" in out  # the matmul in a table of its own, not among the cases
+
+
+def test_train_table_at_80_columns_puts_errors_below(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    sweep = _sweep_of_seeds(tmp_path / "sweep")
+    _train(sweep, "f", "improved", 256, 0.0, status="failed",
+           error="RuntimeError: a long message " + "that goes on " * 12)
+    monkeypatch.setenv("COLUMNS", "80")
+    assert main([str(sweep), "--metrics", "perf/step_ms_median,val/loss,cache/hit_rate,memory/peak_rss_mb,"
+                 "perf/tokens_per_s_median", "--baseline", "attention=sdpa"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert all(len(line) <= 80 for line in lines), "\n".join(lines)
+    assert any(line.startswith("f: RuntimeError: a long message") for line in lines)
+
+
+def test_categorical_x_draws_bars(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from dilexp.compare import plot
+
+    sweep = _sweep_of_seeds(tmp_path / "sweep")
+    png = tmp_path / "bars.png"
+    assert main([str(sweep), "--plot", str(png), "--x", "attention", "--y", "perf/step_ms_median"]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    info = plot(make_tables(find_runs([sweep]), None), tmp_path / "again.png", "attention", "step_ms_median")
+    assert info.kind == "bars"
+    # One bar per sequence length in each attention group; the labels name only what varies.
+    assert info.lines == ["data.seq_len=256", "data.seq_len=1024"]
+
+
+def test_rows_all_plot_keeps_the_matmul_off_the_n_axis(tmp_path: Path) -> None:
+    from dilexp.compare import plot
+
+    sweep = _bench_sweep(tmp_path / "multirun")
+    tables = make_tables(find_runs([sweep]), None, bench_rows="all")
+    info = plot(tables, tmp_path / "all.png", "seq_len", "median_ms")
+    assert info.kind == "lines"
+    assert info.references == ["matmul 4096x4096"]  # a level across the plot, one for the three jobs
+    assert not any("matmul" in label or "reference" in label for label in info.lines)
+    # Constant settings (heads, dtype, mode, ...) are in no label.
+    assert all(not any(k in label for k in ("heads", "dtype", "mode", "target")) for label in info.lines)
+
+
+def test_an_impossible_plot_says_why_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sweep = tmp_path / "sweep"
+    _train(sweep, "0", "sdpa", 256, 10.0)
+    _train(sweep, "1", "dilated", 256, 0.0, status="failed", error="boom")
+    assert main([str(sweep), "--plot", str(tmp_path / "p.png"), "--x", "attention", "--y", "val/acc",
+                 "--metrics", "val/acc"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no row has a value of val/acc" in err, err
+    assert not (tmp_path / "p.png").exists()

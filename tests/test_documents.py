@@ -69,3 +69,77 @@ def test_layout_must_match_the_batch() -> None:
     q = torch.randn(1, 7, 1, 4)
     with pytest.raises(ValueError, match="layout is for"):
         attn(q, q, q, docs=DocumentLayout(8, ((0, 3),)))
+
+
+# -- flex: one BlockMask per layout ---------------------------------------------------------
+
+FLEX_LAYOUT = DocumentLayout(150, ((0, 5, 40, 41, 120), (0, 100)))
+
+
+def _flex(heads: str, seg: list[int], rates: list[int]):  # type: ignore[no-untyped-def]
+    return build("flex", num_heads=5, head_dim=16, segment_lengths=seg, dilation_rates=rates, heads=heads,
+                 block_size=16)
+
+
+def _flex_error(attn, layout: DocumentLayout, causal: bool) -> float:  # type: ignore[no-untyped-def]
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(layout.batch, layout.n, 5, 16, generator=gen) for _ in range(3))
+    with torch.no_grad():
+        out = attn(q, k, v, causal=causal, docs=layout)
+    ref = dense_reference(q.double(), k.double(), v.double(), document_multiplicity(attn, layout), causal)
+    return (out.double() - ref).abs().max().item()
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize(("heads", "seg", "rates"), [("grouped", [16, 32, 64], [1, 2, 4]), ("all", [24, 50], [1, 3])])
+def test_flex_document_block_tables_equal_create_block_mask(heads: str, seg: list[int], rates: list[int],
+                                                            causal: bool) -> None:
+    """The per-layout block tables are derived; torch's evaluation of the same mask_mod (with
+    a row per batch row) must give the same touched and full blocks."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    from dilexp.patterns.dilated import DilatedPattern
+    from dilexp.patterns.flex_documents import build_document_compact_plan, build_document_natural_plan
+
+    pattern = DilatedPattern.from_config(seg, rates, "head", heads)
+    cpu = torch.device("cpu")
+    plans = [build_document_compact_plan(pattern, 5, FLEX_LAYOUT, 16, causal, cpu)]
+    if heads == "all":
+        plans.append(build_document_natural_plan(pattern, 5, FLEX_LAYOUT, 16, causal, cpu))
+    for plan in plans:
+        bm = plan.block_mask
+        ref = create_block_mask(bm.mask_mod, FLEX_LAYOUT.batch, bm.kv_num_blocks.shape[1], *bm.seq_lengths,
+                                device="cpu", BLOCK_SIZE=16)
+        assert torch.equal(bm.to_dense(), ref.to_dense())
+        assert torch.equal(bm.full_kv_num_blocks, ref.full_kv_num_blocks)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("causal", [False, True])
+def test_flex_documents_lse_merge_equals_reference(causal: bool) -> None:
+    # heads="all" merges by lse on CUDA; eager flex returns the lse on CPU.
+    from torch.nn.attention.flex_attention import flex_attention
+
+    attn = _flex("all", [32, 64, 100], [2, 4, 1])
+    attn._kernel, attn._lse_merge = flex_attention, True
+    assert _flex_error(attn, FLEX_LAYOUT, causal) <= 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")
+def test_flex_documents_compiled_equals_reference() -> None:
+    """Compiled flex skips full blocks without evaluating the mask: the tables must be right."""
+    for heads, seg, rates in (("grouped", [16, 32, 64], [1, 2, 4]), ("all", [24, 50], [1, 3])):
+        assert _flex_error(_flex(heads, seg, rates), FLEX_LAYOUT, causal=True) <= 1e-4
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_flex_builds_one_plan_per_layout() -> None:
+    attn = _flex("grouped", [16, 32], [1, 2])
+    attn.use_path("eager")
+    q = torch.randn(2, 150, 5, 16)
+    with torch.no_grad():
+        for _ in range(3):
+            attn(q, q, q, causal=True, docs=FLEX_LAYOUT)
+    assert attn.cache.stats()["misses"] == 1

@@ -119,8 +119,8 @@ def test_frontier_command_prints_the_front_and_saves_the_plot(tmp_path: Path,
     assert main([str(sweep), "--frontier", "--plot", str(png), "--out", str(md)]) == 0
     rows = _front_rows(md.read_text())
     assert list(rows) == FRONT
-    assert rows["attention=dilated"] == ["5000", "0.8", "3"]
-    assert rows["attention=sdpa"] == ["1000", "0.9", "3"]
+    assert rows["attention=dilated"] == ["5,000", "0.8", "3"]  # one number format: thousands separated
+    assert rows["attention=sdpa"] == ["1,000", "0.9", "3"]
 
 
 def test_frontier_axes_directions_and_default_plot_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

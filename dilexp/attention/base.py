@@ -16,7 +16,7 @@ from dilexp.attention._kernels import build_pattern, check_dims
 from dilexp.cache.base import PatternCache
 from dilexp.errors import ConfigError
 from dilexp.memory.base import MemoryPool, NoPool
-from dilexp.patterns.documents import DocumentLayout, as_layout
+from dilexp.patterns.documents import DocumentLayout, as_layout, group_plan
 
 PATTERN_KINDS = ("full", "dilated", "block_sparse")
 
@@ -118,21 +118,19 @@ class Attention(nn.Module):
     def forward_documents(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, docs: DocumentLayout
     ) -> torch.Tensor:
-        """The generic exact path: each document of each row through the variant on its own.
+        """The generic exact path: every document through the variant as a sequence of its own.
 
-        Exact by construction (the document *is* a sequence of its length) but one call per
-        document, so variants with a per-layout plan override it. Rows that share a layout go
-        through together, one call per document.
+        Exact by construction (the document *is* a sequence of its length). Documents of one
+        length, in any rows, go through together as one batch (``group_plan``, cached under the
+        layout's key), so the variant is called once per distinct length; variants with a
+        per-layout plan override this with a fast path.
         """
         self._check_layout(q, docs)
-        if docs.same_for_all_rows:
-            return torch.cat([self.forward(q[:, a:b], k[:, a:b], v[:, a:b], causal=causal)
-                              for a, b in docs.spans(0)], dim=1)
-        rows = []
-        for r in range(q.shape[0]):
-            rows.append(torch.cat([self.forward(q[r:r + 1, a:b], k[r:r + 1, a:b], v[r:r + 1, a:b], causal=causal)
-                                   for a, b in docs.spans(r)], dim=1))
-        return torch.cat(rows, dim=0)
+        b, n, h, d = q.shape
+        groups, inverse = self.lookup(("doc_groups", docs.key), lambda: group_plan(docs), q.device)
+        qf, kf, vf = (t.reshape(b * n, h, d) for t in (q, k, v))
+        outs = [self.forward(qf[idx], kf[idx], vf[idx], causal=causal).reshape(-1, h, d) for _, idx in groups]
+        return torch.cat(outs)[inverse].view(b, n, h, d)
 
     def lookup(self, key: Hashable, build: Callable[[], Any], device: torch.device | str) -> Any:
         """The one cache lookup of a call: its whole plan, under its own key (patterns/).
@@ -213,9 +211,9 @@ class Attention(nn.Module):
         would attend within the shard only, so the generic path refuses one."""
         if not self.capabilities.documents:
             raise NotImplementedError(f"{self.name} does not take packed documents (capabilities.documents is False)")
+        _refuse_under_context_parallel(f"{self.name} (generic document path)")
         if docs.n != q.shape[1] or docs.batch != q.shape[0]:
             raise ValueError(f"{self.name}: layout is for B={docs.batch}, N={docs.n}, got q of shape {tuple(q.shape)}")
-        _refuse_under_context_parallel(f"{self.name} (generic document path)")
 
     def _check_input(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         if not self.capabilities.process_groups:

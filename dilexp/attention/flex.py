@@ -41,6 +41,8 @@ from dilexp.attention.registry import register
 from dilexp.cache.base import PatternCache
 from dilexp.errors import ConfigError
 from dilexp.memory.base import MemoryPool
+from dilexp.patterns.documents import DocumentLayout
+from dilexp.patterns.flex_documents import DocumentFlexPlan, build_document_flex_plan, document_flex_key
 from dilexp.patterns.flex_plan import FlexPlan, build_flex_plan, flex_key
 
 MODES = ("compact", "lse", "natural")
@@ -67,10 +69,10 @@ class FlexDilatedAttention(DilatedAttentionBase):
     # "compiled" is what runs; "eager" is torch's uncompiled flex_attention on the same plan
     # (same BlockMask, permutation and merge), which lets the conformance suite draw many
     # shapes without a ~20 s compile each. Compiled flex is checked on fixed shapes.
-    # No pool: its buffers are the kernel's own outputs and autograd's index gathers.
+    # Pool: the compact-order gathers of q, k, v, when no autograd graph is recorded.
     capabilities = Capabilities(
         pattern="dilated", head_layouts=("grouped", "all"), no_backward_on=("cpu",),
-        paths=("compiled", "eager"), slow_paths=("compiled",), settings={"block_size": (16, 32)},
+        paths=("compiled", "eager"), slow_paths=("compiled",), settings={"block_size": (16, 32)}, pool=True,
     )
 
     def __init__(
@@ -144,13 +146,16 @@ class FlexDilatedAttention(DilatedAttentionBase):
             return out[:, :, :n].transpose(1, 2)
 
         # Compact order: slot s of virtual head j holds token perm[j, s] of head heads[j].
-        idx = (slice(None), plan.heads[:, None], plan.perm)
-        qv, kv, vv = qt[idx], kt[idx], vt[idx]
+        tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        scratch: list[torch.Tensor] | None = None if tracked else []
+        qv, kv, vv = (self._compact(t, plan, scratch) for t in (q, k, v))
         if plan.kind == "lse":
             o, aux = kernel(qv, kv, vv, block_mask=plan.block_mask, scale=scale, return_aux=AuxRequest(lse=True))
             lse = aux.lse
         else:
             o = kernel(qv, kv, vv, block_mask=plan.block_mask, scale=scale)
+        for buf in scratch or ():
+            self.pool.release(buf)  # the kernel is done with them, and no graph saved them
         nv = plan.inv.shape[0]
         back = plan.inv[None, :, :, None].expand(b, nv, n, d)
         # Tokens a virtual head does not select read some slot; `sel` zeroes them exactly.
@@ -164,6 +169,71 @@ class FlexDilatedAttention(DilatedAttentionBase):
         weights = torch.softmax(lse.view(b, m, h, n), dim=1).to(o.dtype)
         out = (weights.unsqueeze(-1) * o.view(b, m, h, n, d)).sum(dim=1)
         return out.transpose(1, 2)
+
+    def document_plan(self, docs: DocumentLayout, causal: bool, device: torch.device | str) -> DocumentFlexPlan:
+        """The cached per-layout plan: one BlockMask with a row per batch row (patterns/flex_documents)."""
+        p, mode, dev = self.pattern, self.mode(device), torch.device(device)
+        key = document_flex_key(p, self.num_heads, docs, self.block_size, mode, causal)
+        return self.lookup(key, lambda: build_document_flex_plan(p, self.num_heads, docs, self.block_size, mode,
+                                                                 causal, dev), device)
+
+    def forward_documents(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, docs: DocumentLayout
+    ) -> torch.Tensor:
+        """Packed documents in one flex call: the forward above with per-row tables, the
+        document mask folded into the segment ids (segments are numbered across documents)."""
+        self._check_input(q, k, v)
+        self._check_layout(q, docs)
+        if q.device.type == "cpu" and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            raise NotImplementedError(no_cpu_backward_message())
+        b, n, h, d = q.shape
+        plan = self.document_plan(docs, causal, q.device)
+        kernel = self._kernel if self._kernel is not None else compiled_flex()
+        scale = 1.0 / math.sqrt(d)
+        npad = plan.block_mask.seq_lengths[0]
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+
+        if plan.kind == "natural":
+            if npad != n:
+                qt, kt, vt = (F.pad(t, (0, 0, 0, npad - n)) for t in (qt, kt, vt))
+            out = kernel(qt, kt, vt, score_mod=plan.score_mod, block_mask=plan.block_mask, scale=scale)
+            return out[:, :, :n].transpose(1, 2)
+
+        # Slot s of virtual head j in row i holds token perm[i, j, s] of head heads[j].
+        rows = torch.arange(b, device=q.device)[:, None, None]
+        idx = (rows, plan.heads[None, :, None], plan.perm)
+        qv, kv, vv = qt[idx], kt[idx], vt[idx]
+        if plan.kind == "lse":
+            o, aux = kernel(qv, kv, vv, block_mask=plan.block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+            lse = aux.lse
+        else:
+            o = kernel(qv, kv, vv, block_mask=plan.block_mask, scale=scale)
+        nv = plan.inv.shape[1]
+        back = plan.inv[:, :, :, None].expand(b, nv, n, d)
+        o = torch.where(plan.sel[:, :, :, None], o.gather(2, back), 0.0)
+        if plan.kind == "compact":
+            return o.transpose(1, 2)
+        m = self.pattern.num_pairs
+        floor = torch.finfo(torch.float32).min / 4
+        lse = torch.where(plan.sel, lse.float().gather(2, back[..., 0]), floor)
+        weights = torch.softmax(lse.view(b, m, h, n), dim=1).to(o.dtype)
+        return (weights.unsqueeze(-1) * o.view(b, m, h, n, d)).sum(dim=1).transpose(1, 2)
+
+    def _compact(self, x: torch.Tensor, plan: FlexPlan, scratch: list[torch.Tensor] | None) -> torch.Tensor:
+        """(B, N, H, D) -> (B, V, Np, D): each virtual head's tokens in compact order.
+
+        Without autograd (``scratch`` given) and on a contiguous input this is one
+        ``index_select`` into a buffer from the pool; otherwise autograd's indexing owns it.
+        """
+        if scratch is None or not x.is_contiguous():
+            return x.transpose(1, 2)[(slice(None), plan.heads[:, None], plan.perm)]
+        b, n, h, d = x.shape
+        nv, npad = plan.perm.shape
+        flat = (plan.perm * h + plan.heads[:, None]).reshape(-1)  # token-major index of (token, head)
+        buf = self.pool.empty((b, nv * npad, d), x.dtype, x.device)
+        torch.index_select(x.view(b, n * h, d), 1, flat, out=buf)
+        scratch.append(buf)
+        return buf.view(b, nv, npad, d)
 
     def extra_repr(self) -> str:
         p = self.pattern

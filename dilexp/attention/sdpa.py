@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from dilexp.attention.base import Attention, Capabilities
 from dilexp.attention.registry import register
+from dilexp.patterns.documents import DocumentLayout, bucket_plan
 
 
 @register("sdpa")
@@ -25,6 +26,29 @@ class SDPAttention(Attention):
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
         )
         return out.transpose(1, 2)
+
+    def forward_documents(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, docs: DocumentLayout
+    ) -> torch.Tensor:
+        """Block-diagonal (causal) attention: documents padded to size buckets and run as
+        batches, one fused call per bucket (``bucket_plan``, cached under the layout's key).
+
+        Exact: a padded slot is never a key of a real query (after it when causal, masked
+        otherwise) and its own output is dropped. Unlike one (N, N) block-diagonal mask, the
+        work is per document (about a quarter over its pairs at most) and no N x N tensor is held.
+        """
+        self._check_input(q, k, v)
+        self._check_layout(q, docs)
+        b, n, h, d = q.shape
+        buckets, inverse = self.lookup(("doc_buckets", docs.key), lambda: bucket_plan(docs), q.device)
+        qf, kf, vf = (t.reshape(b * n, h, d) for t in (q, k, v))
+        outs = []
+        for _size, idx, valid, kept, padded in buckets:
+            qb, kb, vb = (t[idx].transpose(1, 2) for t in (qf, kf, vf))  # (docs, H, size, D)
+            mask = valid[:, None, None, :] if padded and not causal else None
+            out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=causal)
+            outs.append(out.transpose(1, 2).reshape(-1, h, d)[kept])
+        return torch.cat(outs)[inverse].view(b, n, h, d)
 
     def dense_multiplicity(self, n: int) -> torch.Tensor:
         return torch.ones(self.num_heads, n, n, dtype=torch.int64)

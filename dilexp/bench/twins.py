@@ -32,7 +32,7 @@ COMPARE_MEMORY = "compare_memory"
 def with_attention(cfg: DictConfig, name: str, keep_settings: bool) -> DictConfig:
     """A copy of ``cfg`` whose attention is ``name``: with the same pattern settings
     (a compared variant computes the same function), or none (full SDPA). A variant that
-    takes no pool (sdpa, flex) gets ``memory=none``: it would refuse the run's pool."""
+    takes no pool (sdpa) gets ``memory=none``: it would refuse the run's pool."""
     out = copy.deepcopy(cfg)
     with open_dict(out):
         if keep_settings:

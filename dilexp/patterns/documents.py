@@ -142,3 +142,56 @@ def as_layout(docs: DocumentLayout | None) -> DocumentLayout | None:
     if not isinstance(docs, DocumentLayout):
         raise TypeError(f"docs= must be a DocumentLayout, got {type(docs).__name__}")
     return None if docs.trivial else docs
+
+
+# A plan that runs documents as batches: ((L, index (count, L)), ...) and the inverse
+# permutation that puts the concatenated results back in (B * N) token order.
+GroupPlan = tuple[tuple[tuple[int, torch.Tensor], ...], torch.Tensor]
+# Padded buckets: ((L, index (count, L), valid (count, L) bool, kept (valid slots,) into the
+# flattened (count * L) slots, padded: bool), ...) and the inverse over the kept slots.
+BucketPlan = tuple[tuple[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, bool], ...], torch.Tensor]
+
+
+def group_plan(layout: DocumentLayout) -> GroupPlan:
+    """Documents grouped by exact length: each group runs as one batch of equal-length
+    sequences, so a variant is called once per distinct length, not once per document.
+    Indices are into the flattened (B * N) tokens."""
+    by_len: dict[int, list[int]] = {}
+    for r in range(layout.batch):
+        for a, b in layout.spans(r):
+            by_len.setdefault(b - a, []).append(r * layout.n + a)
+    groups, order = [], []
+    for length in sorted(by_len):
+        idx = torch.tensor(by_len[length], dtype=torch.int64)[:, None] + torch.arange(length)
+        groups.append((length, idx))
+        order.append(idx.reshape(-1))
+    return tuple(groups), torch.argsort(torch.cat(order))
+
+
+def bucket_size(length: int, min_size: int = 16) -> int:
+    """``length`` rounded up to a multiple of an eighth of its power of two (at least
+    ``min_size``): at most 8 bucket sizes per octave, at most ~27% more pairs than the
+    document's own."""
+    step = max(min_size, 1 << max(0, (length - 1).bit_length() - 3))
+    return -(-length // step) * step
+
+
+def bucket_plan(layout: DocumentLayout, min_size: int = 16) -> BucketPlan:
+    """Documents padded to buckets (``bucket_size``, at most ``n``): one batched kernel call
+    per bucket. Padding slots repeat the document's first token (``valid`` False); the
+    caller masks them as keys."""
+    by_size: dict[int, list[tuple[int, int]]] = {}
+    for r in range(layout.batch):
+        for a, b in layout.spans(r):
+            size = min(layout.n, bucket_size(b - a, min_size))
+            by_size.setdefault(size, []).append((r * layout.n + a, b - a))
+    buckets, order = [], []
+    for size in sorted(by_size):
+        starts = torch.tensor([s for s, _ in by_size[size]], dtype=torch.int64)[:, None]
+        lens = torch.tensor([m for _, m in by_size[size]], dtype=torch.int64)[:, None]
+        offs = torch.arange(size)[None, :]
+        valid = offs < lens
+        idx = starts + torch.where(valid, offs, 0)
+        buckets.append((size, idx, valid, valid.reshape(-1).nonzero().squeeze(1), not bool(valid.all())))
+        order.append(idx[valid])
+    return tuple(buckets), torch.argsort(torch.cat(order))

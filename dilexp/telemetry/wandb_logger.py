@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,12 @@ def make_wandb_logger(settings: Any, run_dir: Path, name: str, group: str | None
             mode=mode,
             config=config,
             log_model=False,
+            # W&B's own start and end blocks off (finish_wandb prints the one line that
+            # matters: how to upload the run); WANDB_SILENT/WANDB_QUIET set by a user win.
+            **({} if _user_set_verbosity() else {"settings": _silent_settings()}),
         )
+        # Lightning passes anonymous=None, which W&B warns about as a deprecated setting.
+        logger._wandb_init.pop("anonymous", None)
         _ = logger.experiment  # start it now, so a failure shows here and not mid-run
         return logger
     except Exception as e:  # noqa: BLE001
@@ -82,12 +88,29 @@ def make_wandb_logger(settings: Any, run_dir: Path, name: str, group: str | None
         return None
 
 
+def _user_set_verbosity() -> bool:
+    return any(os.environ.get(k) for k in ("WANDB_SILENT", "WANDB_QUIET"))
+
+
+def _silent_settings() -> Any:
+    import wandb
+
+    return wandb.Settings(silent=True)
+
+
 def finish_wandb() -> None:
-    """End the current W&B run so the next job of a multirun gets its own."""
+    """End the current W&B run so the next job of a multirun gets its own; say where it went
+    (offline: the `wandb sync` command that uploads it)."""
     try:
         import wandb
 
-        if wandb.run is not None:
-            wandb.finish()
+        run = wandb.run
+        if run is None:
+            return
+        where = f"offline; upload it with: wandb sync {run.settings.sync_dir}" if run.offline else f"at {run.url}"
+        silent = bool(run.settings.silent)
+        wandb.finish()
+        if silent and not _user_set_verbosity():
+            print(f"dilexp: W&B run {where}", file=sys.stderr, flush=True)
     except Exception as e:  # noqa: BLE001
         log.warning("W&B finish failed (%s); ignored", e)
