@@ -26,7 +26,7 @@ from dilexp.patterns.doc_ring import build_doc_ring
 from dilexp.patterns.documents import DocumentLayout
 
 H, DH = 4, 8
-SEG, RATES = [2, 4, 8], [1, 2, 3]
+SEG, RATES = [3, 8, 16], [1, 2, 3]  # short segments pad (improved buckets by powers of two)
 VARIANTS = ["dilated", "improved", "ring_v2", "ring_v3"]
 RING_SETTINGS = [(1, "contiguous"), (3, "contiguous"), (4, "zigzag")]
 

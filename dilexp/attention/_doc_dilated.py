@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dilexp.attention._kernels import LSEKernel, explicit_attention, heads_index, kernel_input, lse_dtype, lse_floor
+from dilexp.attention._kernels import LSEKernel, explicit_attention, heads_index, lse_dtype, lse_floor
 from dilexp.attention.base import DilatedAttentionBase
 from dilexp.patterns.doc_plans import DocBucket, build_doc_plan, doc_plan_key
 from dilexp.patterns.documents import DocumentLayout
@@ -80,7 +80,12 @@ class _DocFlash(torch.autograd.Function):
             for entry in buckets:
                 bk = DocBucket(*entry)
                 qs, ks, vs, o, lse = next(saved)
-                gs = kernel_input(_slots(g_flat, hsel, bk))
+                # Padded query slots must carry a zero gradient (their outputs were dropped), or
+                # they would push gradient into the keys they see.
+                segs, slots = bk.idx.shape
+                gs = g_flat.new_zeros(segs * slots, qs.shape[1], qs.shape[3])
+                gs.index_copy_(0, bk.keep, g_flat[:, hsel].index_select(0, bk.pos))
+                gs = gs.unflatten(0, (segs, slots)).transpose(1, 2)
                 parts = ctx.kernel.backward(gs, qs, ks, vs, o, lse, ctx.causal, ctx.scale)
                 for g_full, part in zip(grads, parts, strict=True):
                     g_full[:, hsel].index_copy_(0, bk.pos, _real(part, bk))
