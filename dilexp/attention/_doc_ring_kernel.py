@@ -26,7 +26,7 @@ def _finite(x: torch.Tensor) -> torch.Tensor:
 
 
 def _scores(qs: torch.Tensor, ks: torch.Tensor, op: DocOp, scale: float) -> torch.Tensor:
-    return torch.matmul(qs, ks.transpose(-1, -2)).mul_(scale).masked_fill_(~op.mask, float("-inf"))
+    return torch.matmul(qs, ks.transpose(-1, -2)).mul_(scale).masked_fill_(op.hidden, float("-inf"))
 
 
 def doc_op_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: DocOp, scale: float, out: torch.Tensor,
@@ -36,8 +36,13 @@ def doc_op_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, op: DocOp,
     qs, ks, vs = _slots(q, op.q_idx, op, op.lq, acc), _slots(k, op.k_idx, op, op.lk, acc), _slots(
         v, op.k_idx, op, op.lk, acc)
     s = _scores(qs, ks, op, scale)
-    m = torch.logsumexp(s, dim=-1)  # (S, Hb, Lq); -inf for a row with no key here
-    o = torch.matmul(torch.exp(s - _finite(m).unsqueeze(-1)), vs)
+    # One exp: p = exp(s - rowmax), then lse = rowmax + log(rowsum p); a row with no key here
+    # has rowmax -inf (kept finite for the exp) and gets lse = -inf, o = 0.
+    top = s.amax(dim=-1, keepdim=True)
+    p = s.sub_(_finite(top)).exp_()
+    total = p.sum(-1)
+    m = top.squeeze(-1) + torch.log(total)
+    o = torch.matmul(p, vs).div_(total.clamp(min=torch.finfo(acc).tiny).unsqueeze(-1))
     hb = o.shape[1]
     o = o.transpose(1, 2).reshape(-1, hb, o.shape[-1]).index_select(0, op.q_keep)
     m = m.transpose(1, 2).reshape(-1, hb).index_select(0, op.q_keep)

@@ -39,8 +39,9 @@ class DocOp:
     """One batched call of one branch between a query block and a key block.
 
     q_idx (S*Lq,) / k_idx (S*Lk,): flat (row * block tensor length + local) indices of each
-    slot in the tensors holding the blocks (padding -> 0); mask (S, 1, Lq, Lk) the allowed
-    (query slot, key slot) entries; q_keep (P,) the real query slots of the flattened batch
+    slot in the tensors holding the blocks (padding -> 0); hidden (S, 1, Lq, Lk) the entries
+    that are *not* allowed (stored inverted: the kernel fills them, and a call should not
+    invert it again); q_keep (P,) the real query slots of the flattened batch
     and q_pos (P,) where they sit (distinct: a position is in one segment of a branch).
     """
 
@@ -52,7 +53,7 @@ class DocOp:
     k_idx: torch.Tensor
     q_keep: torch.Tensor
     q_pos: torch.Tensor
-    mask: torch.Tensor
+    hidden: torch.Tensor
 
     @property
     def heads(self) -> slice:
@@ -60,7 +61,7 @@ class DocOp:
 
     def to(self, device: torch.device | str) -> DocOp:
         return DocOp(self.head_range, self.segs, self.lq, self.lk,
-                     *(t.to(device) for t in (self.q_idx, self.k_idx, self.q_keep, self.q_pos, self.mask)))
+                     *(t.to(device) for t in (self.q_idx, self.k_idx, self.q_keep, self.q_pos, self.hidden)))
 
 
 @dataclass(frozen=True, eq=False)
@@ -142,7 +143,7 @@ def _op(head_range: HeadRange, qe: _Entries, ke: _Entries, causal: bool) -> DocO
         qi, qv, ki, mask = qi[live], qv[live], ki[live], mask[live]
     q_keep = qv.reshape(-1).nonzero().squeeze(1)
     return DocOp(head_range, qi.shape[0], qi.shape[1], ki.shape[1], qi.reshape(-1).contiguous(),
-                 ki.reshape(-1).contiguous(), q_keep, qi.reshape(-1)[q_keep], mask.unsqueeze(1).contiguous())
+                 ki.reshape(-1).contiguous(), q_keep, qi.reshape(-1)[q_keep], (~mask).unsqueeze(1).contiguous())
 
 
 def _head_range(br: Branch) -> HeadRange:
