@@ -112,9 +112,11 @@ def _meets(qr: tuple[torch.Tensor, torch.Tensor], kr: tuple[torch.Tensor, torch.
     return bool(((q_latest >= 0) & (k_earliest < torch.iinfo(torch.int64).max)).any())
 
 
-def _padded(e: _Entries, common: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(idx, global positions, valid), each (len(common), L): the block's slots of each segment."""
-    m = torch.isin(e.seg, common)
+def _padded(e: _Entries, common: torch.Tensor, member: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                                             torch.Tensor]:
+    """(idx, global positions, valid), each (len(common), L): the block's slots of each segment
+    (``member``: a table over all segment ids, True for those in ``common``)."""
+    m = member[e.seg]
     seg, gpos, local = e.seg[m], e.gpos[m], e.local[m]
     row = torch.searchsorted(common, seg)
     slot = torch.arange(len(seg)) - torch.searchsorted(seg, seg)
@@ -126,13 +128,18 @@ def _padded(e: _Entries, common: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return idx, pos, valid
 
 
-def _op(head_range: HeadRange, qe: _Entries, ke: _Entries, causal: bool) -> DocOp | None:
-    segs = torch.unique(qe.seg)
-    common = segs[torch.isin(segs, ke.seg)]
+def _op(head_range: HeadRange, qe: _Entries, ke: _Entries, causal: bool, total: int) -> DocOp | None:
+    """``total``: segments of the branch; ids index tables instead of set operations (isin)."""
+    in_q = torch.zeros(total, dtype=torch.bool)
+    in_q[qe.seg] = True
+    member = torch.zeros(total, dtype=torch.bool)
+    member[ke.seg] = True
+    member &= in_q
+    common = member.nonzero().squeeze(1)
     if len(common) == 0:
         return None
-    qi, qp, qv = _padded(qe, common)
-    ki, kp, kv = _padded(ke, common)
+    qi, qp, qv = _padded(qe, common, member)
+    ki, kp, kv = _padded(ke, common, member)
     mask = qv.unsqueeze(2) & kv.unsqueeze(1)
     if causal:
         mask &= kp.unsqueeze(1) <= qp.unsqueeze(2)
@@ -197,8 +204,8 @@ def build_doc_ring(branches: Sequence[Branch], docs: DocumentLayout, world: int,
             # Single process: key blocks in ring order from the query block, as ``make_layout``.
             order = [(a - s) % len(k_units) for s in range(len(k_units))] if world == 1 else range(len(k_units))
             for b in order:
-                pair_ops = [op for h, qe, ke in zip(heads, q_ent[a], k_ent[j][b], strict=True)
-                            if (op := _op(h, qe, ke, causal)) is not None]
+                pair_ops = [op for h, qe, ke, sz in zip(heads, q_ent[a], k_ent[j][b], sizes, strict=True)
+                            if (op := _op(h, qe, ke, causal, sz)) is not None]
                 if pair_ops:
                     kept.append((a, b))
                     ops.extend(pair_ops)
