@@ -5,9 +5,12 @@ Three things live here, all plain torch (nothing of Lightning or Hydra):
 - starting a process group with a timeout (so a dead or hung rank turns into an error on
   the others instead of a hang), on a free localhost TCP port or a FileStore;
 - the *context-parallel group*: the group across which ``ring_v2``/``ring_v3`` shard the
-  sequence. It is registered explicitly (``init_context_parallel``) and is never guessed
-  from the default group: under plain data parallelism every rank holds whole sequences,
-  and a ring over those ranks would silently mix different samples;
+  sequence. It is registered explicitly (``init_context_parallel``). A ring given no group
+  (``ring_group``) uses it; when none is registered but the default group has more than one
+  rank, the caller is sharding by hand and the ring uses the default group (attending
+  within the local shard would be a different function, silently). Data parallelism,
+  where every rank holds whole sequences and a ring over the ranks would mix samples,
+  says so with ``declare_data_parallel`` (the tasks do, for every hardware but cp);
 - the shard layout of a length-N sequence over P parts, and sharding / unsharding of a
   (B, N, ...) tensor by it.
 
@@ -44,6 +47,8 @@ Ranges = tuple[tuple[int, int], ...]
 
 _cp_group: dist.ProcessGroup | None = None
 _cp_enabled = False
+# Set by declare_data_parallel: every rank holds whole sequences, so a ring with no group runs locally.
+_data_parallel = False
 _timeout_s = DEFAULT_TIMEOUT_S
 
 
@@ -142,9 +147,33 @@ def init_context_parallel(
 
 def set_context_parallel_group(group: dist.ProcessGroup | None, enabled: bool = True) -> None:
     """Register (or, with None, unregister) the group ring variants use by default."""
-    global _cp_group, _cp_enabled
+    global _cp_group, _cp_enabled, _data_parallel
     _cp_group = group
     _cp_enabled = enabled and group is not None
+    _data_parallel = False
+
+
+def declare_data_parallel() -> None:
+    """Say that every rank of the default group holds whole sequences (no context parallelism):
+    a ring variant with no group then runs single-process instead of over the default group."""
+    global _data_parallel
+    set_context_parallel_group(None, enabled=False)
+    _data_parallel = True
+
+
+def ring_group() -> dist.ProcessGroup | None:
+    """The group a ring variant with no group of its own shards over.
+
+    The registered cp group; else, unless ``declare_data_parallel`` was called, the default
+    group when it has more than one rank (the caller passes each rank its shard); else None
+    (single-process).
+    """
+    group = context_parallel_group()
+    if group is not None or _data_parallel:
+        return group
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return dist.group.WORLD
+    return None
 
 
 def context_parallel_group() -> dist.ProcessGroup | None:
@@ -152,6 +181,37 @@ def context_parallel_group() -> dist.ProcessGroup | None:
     if not _cp_enabled or not (dist.is_available() and dist.is_initialized()):
         return None
     return _cp_group
+
+
+class PeerError(RuntimeError):
+    """A collective failed because another rank died, hung or raised; the message names the ranks."""
+
+
+def all_reduce_or_name(x: torch.Tensor, group: dist.ProcessGroup | None, what: str,
+                       timeout_s: float | None = None) -> torch.Tensor:
+    """``all_reduce`` (sum, in place) that turns a dead or hung peer into one PeerError line.
+
+    Gloo says only "Connection closed by peer [address]"; this names the rank that noticed, the
+    group's other ranks (the one rank that can have died when there are two) and what was
+    being reduced. Gloo honours the per-wait timeout; NCCL's watchdog enforces the group's.
+    """
+    rank, world = group_rank_world(group)
+    if world == 1:
+        return x
+    timeout = _timeout_s if timeout_s is None else timeout_s
+    try:
+        work = dist.all_reduce(x, group=group, async_op=True)
+        if dist.get_backend(group) == "gloo":
+            work.wait(datetime.timedelta(seconds=timeout))
+        else:
+            work.wait()
+    except Exception as e:
+        peers = [r for r in range(world) if r != rank]
+        who = f"rank {peers[0]}" if len(peers) == 1 else f"one of ranks {peers}"
+        raise PeerError(f"rank {rank} of {world}: {what} failed or timed out (timeout {timeout:g}s): {who} "
+                        f"probably died, hung or raised before reaching it. Cause: {type(e).__name__}: "
+                        f"{' '.join(str(e).split())}") from e
+    return x
 
 
 def transfer_timeout_s() -> float:
@@ -278,7 +338,11 @@ __all__ = [
     "PLACEMENTS",
     "check_placement",
     "check_shardable",
+    "PeerError",
+    "all_reduce_or_name",
     "context_parallel_group",
+    "declare_data_parallel",
+    "ring_group",
     "destroy_process_group",
     "free_port",
     "global_rank",

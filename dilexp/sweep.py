@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 
 # Jobs kept by resume in this process, so on_job_end (same process as the job) can say so.
 _KEPT: set[str] = set()
+# The sweep this process is running (set when it starts), its planned jobs (the basic sweeper's
+# grid, as override lists) and the job now running: what an interrupted sweep records.
+_ACTIVE: dict[str, Any] = {}
 
 
 
@@ -243,6 +246,9 @@ class SweepIndex(Callback):
                 job["last_run"], job["kept"] = False, False
             index.setdefault("jobs", [])
             write_json_atomic(sweep_dir / INDEX, index)
+        _ACTIVE.clear()
+        _ACTIVE.update({"sweep_dir": sweep_dir, "planned": _planned_jobs(config, overrides),
+                        "max_rows": self.max_rows, "print_summary": self.print_summary})
         if index["resume"] and not job_folders(sweep_dir):
             log.warning("+resume=true: no jobs in %s yet, so nothing to keep; to resume a sweep pass its "
                         "folder: hydra.sweep.dir=outputs/multirun/<date>/<time>", sweep_dir)
@@ -278,6 +284,68 @@ class SweepIndex(Callback):
             return
         if self.print_summary:
             print_sweep_summary(index, sweep_dir, max_rows=self.max_rows)
+
+
+def _planned_jobs(config: DictConfig, overrides: list[str]) -> list[list[str]] | None:
+    """Every job's overrides of a grid sweep (Hydra's basic sweeper), None for other sweepers."""
+    if _target_name(config.hydra.get("sweeper")) != "BasicSweeper":
+        return None
+    try:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+    except Exception:  # noqa: BLE001 - an unusual sweep: the index just lists no planned jobs
+        return None
+
+
+def runs_here(sweep_dir: Path | None) -> bool:
+    """Whether this process runs the sweep's loop (the basic launcher), not only one of its jobs."""
+    active = _ACTIVE.get("sweep_dir")
+    return active is not None and sweep_dir is not None and Path(sweep_dir).resolve() == active
+
+
+def note_job_start(run_dir: Path) -> None:
+    """The job this process runs now (an interrupted sweep names it)."""
+    _ACTIVE["job"] = Path(run_dir).resolve()
+
+
+def finish_interrupted_sweep(stop: Any) -> None:
+    """After a stop signal: sweep.json records the jobs done so far, the stopped one and those not run.
+
+    Hydra ends neither the job (no on_job_end) nor the sweep (no on_multirun_end) when a job
+    raises past ``Exception``: this does their part. A no-op outside a sweep.
+    """
+    from dilexp import signals
+
+    sweep_dir = _ACTIVE.get("sweep_dir")
+    if sweep_dir is None:
+        return
+    try:
+        with _locked(sweep_dir):
+            index = load_index(sweep_dir)
+            job = _ACTIVE.get("job")
+            if job is not None and (job / SUMMARY).is_file():
+                entry = job_entry(job, sweep_dir)
+                entry["last_run"], entry["kept"] = True, False
+                _upsert(index, entry)
+            write_json_atomic(sweep_dir / INDEX, index)
+        index = rebuild_index(sweep_dir, finished=True)
+        ran = [j for j in index["jobs"] if j.get("last_run")]
+        planned = _ACTIVE.get("planned")
+        not_run = None if planned is None else [
+            p for p in planned if not any(same_job(j.get("overrides") or [], p, None) for j in ran)]
+        index["interrupted"] = {"signal": signals.signal_name(stop.signum), "at": _now(),
+                                "job": os.path.relpath(job, sweep_dir) if job is not None else None}
+        index["not_run"] = not_run
+        with _locked(sweep_dir):
+            write_json_atomic(sweep_dir / INDEX, index)
+    except Exception as e:  # noqa: BLE001 - the exit code still says the sweep stopped
+        log.warning("sweep index: could not record the interruption (%s: %s)", type(e).__name__, e)
+        return
+    if _ACTIVE.get("print_summary", True):
+        print_sweep_summary(index, sweep_dir, max_rows=int(_ACTIVE.get("max_rows", 24)))
 
 
 def _command_line() -> str:

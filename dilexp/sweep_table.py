@@ -90,12 +90,17 @@ def print_sweep_summary(index: dict[str, Any], sweep_dir: Path, max_rows: int = 
         console.print(text, highlight=False, markup=False, soft_wrap=True)
 
     say(line)
+    stopped = index.get("interrupted")
+    if stopped:
+        left = index.get("not_run")
+        say(f"interrupted by {stopped['signal']}: " + (f"{len(left)} jobs did not run (not_run in {INDEX})"
+                                                        if left is not None else "the jobs left did not run"))
     for j in bad:
         if j.get("error"):
             say(f"  job {j.get('num')}: {str(j['error'])[:200]}")
     say(f"index:   {sweep_dir / INDEX}")
     say(f"compare: python -m dilexp.compare {sweep_dir}")
-    if bad:
+    if bad or stopped:
         say(f"resume:  {resume_command(index, sweep_dir)}")
     if any(sweep_dir.glob("*/wandb/offline-run-*")):
         say(f"W&B:     wandb sync {sweep_dir}/*/wandb/offline-run-*")

@@ -156,3 +156,20 @@ def test_train_from_the_readme_command(dilexp_cli, tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["choices"]["data"] == "docs"
     assert summary["metrics"]["train/steps"] == 4
+
+
+def test_documents_under_cp_need_a_document_path(compose_cfg, tmp_path: Path) -> None:
+    """The generic path slices whole documents, which a shard does not hold: refused before any
+    work unless the variant has a document path of its own."""
+    from dilexp.attention.base import Attention
+    from dilexp.attention.registry import _REGISTRY
+
+    folder = make_folder(tmp_path, [30, 50, 20, 70, 40, 25, 60, 35, 45, 55])
+    cfg = compose_cfg(["data=docs", f"data.path={folder}", "data.seq_len=16", "model=small", "attention=ring_v2",
+                       "hardware=cp", "hardware.accelerator=cpu", "hardware.devices=2", "hardware.precision=32-true"])
+    if _REGISTRY["ring_v2"].forward_documents is Attention.forward_documents:
+        with pytest.raises(ConfigError) as err:
+            _prepare(cfg)
+        assert err.value.field == "data.name"
+    else:
+        _prepare(cfg)

@@ -143,3 +143,16 @@ def test_flex_builds_one_plan_per_layout() -> None:
         for _ in range(3):
             attn(q, q, q, causal=True, docs=FLEX_LAYOUT)
     assert attn.cache.stats()["misses"] == 1
+
+
+def test_a_shared_cache_builds_a_layout_plan_once_for_all_layers() -> None:
+    from dilexp.cache import build_cache
+
+    cache = build_cache("cpu")  # the process-wide instance every layer gets
+    layers = [build("sdpa", num_heads=2, head_dim=4, cache=cache) for _ in range(3)]
+    layout = DocumentLayout(29, ((0, 3, 17), (0, 28)))  # a layout no other test uses
+    q = torch.randn(2, 29, 2, 4)
+    before = cache.stats()["misses"]
+    for attn in layers:
+        attn(q, q, q, causal=True, docs=layout)
+    assert cache.stats()["misses"] - before == 1

@@ -19,6 +19,7 @@ from dilexp.attention.registry import register
 from dilexp.cache.base import PatternCache
 from dilexp.memory.base import MemoryPool
 from dilexp.patterns.block_sparse import BlockPlan, BlockSparsePattern
+from dilexp.patterns.documents import DocumentLayout, bucket_plan
 
 
 class _GatherBlocks(torch.autograd.Function):
@@ -138,6 +139,28 @@ class BlockSparseAttention(Attention):
             for buf in scratch:
                 pool.release(buf)
         return result
+
+    def forward_documents(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, docs: DocumentLayout
+    ) -> torch.Tensor:
+        """Causal: documents padded to whole blocks and batched by block count, one call per
+        count. Exact because a document's pattern depends on its length only through its block
+        count (the blocks, and the stride ``sparsity`` picks), and its padded tail lies after
+        every real query, so the causal mask already hides it. Without the causal mask the
+        tail would be seen: the base class's exact-length groups then.
+        """
+        if not causal:
+            return super().forward_documents(q, k, v, causal, docs)
+        self._check_input(q, k, v)
+        self._check_layout(q, docs)
+        b, n, h, d = q.shape
+        bs = self.pattern.block_size
+        buckets, inverse = self.lookup(("doc_blocks", docs.key, bs), lambda: bucket_plan(docs, multiple=bs),
+                                       q.device)
+        qf, kf, vf = (t.reshape(b * n, h, d) for t in (q, k, v))
+        outs = [self.forward(qf[idx], kf[idx], vf[idx], causal=True).reshape(-1, h, d)[kept]
+                for _size, idx, _valid, kept, _padded in buckets]
+        return torch.cat(outs)[inverse].view(b, n, h, d)
 
     def allowed_pairs(self, n: int, causal: bool) -> int:
         # Closed form, so benchmarks can count useful FLOPs at any N without an N x N mask.

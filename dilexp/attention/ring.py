@@ -9,8 +9,11 @@ The module must know the global length N: call ``set_shard(N)`` once (e.g. in th
 LightningModule's setup), or pass ``seq_len=N`` to the constructor; without it every call
 all-gathers the local lengths to find N (one tiny collective per call).
 
-Which group: ``group=None`` uses the registered cp group (``init_context_parallel``) and,
-when none is registered (or P = 1), runs *single-process*: the same block loop over
+Which group: ``group=None`` uses the registered cp group (``init_context_parallel``); when
+none is registered, the default group if torch.distributed runs with more than one rank
+(each rank passing its shard) unless the job declared data parallelism
+(``declare_data_parallel``: whole sequences on every rank); otherwise (or P = 1) it runs
+*single-process*: the same block loop over
 ``chunks`` blocks of the local sequence (laid out by ``placement``), which bounds the
 memory one kernel call needs beyond the whole-sequence buffers (its scratch and its
 gradient parts) to one block pair's. ``group="world"`` uses the default group;
@@ -66,9 +69,9 @@ from dilexp.cache.base import PatternCache
 from dilexp.distributed import (
     check_placement,
     check_shardable,
-    context_parallel_group,
     group_rank_world,
     ranges_len,
+    ring_group,
     shard_bounds,
     transfer_timeout_s,
 )
@@ -141,7 +144,7 @@ class RingDilatedAttention(DilatedAttentionBase):
         """The process group of this call, or None for single-process (resolved on every call)."""
         g = self.group_setting
         if g is None:
-            return context_parallel_group()
+            return ring_group()
         if g == "world":
             return dist.group.WORLD if (dist.is_available() and dist.is_initialized()) else None
         return g

@@ -22,7 +22,8 @@ ENV_HOT_MAX_BYTES = "PATTERN_CACHE_HOT_MAX_BYTES"
 ENV_PROMOTE_AFTER = "PATTERN_CACHE_PROMOTE_AFTER"
 ENV_PREGENERATE = "PATTERN_CACHE_PREGENERATE"
 
-# Keep equal to the oc.env defaults in conf/cache/{cpu,gpu}.yaml.
+# The one place these defaults live: conf/cache/{cpu,gpu}.yaml read them through the
+# ``${dilexp.env:VAR}`` resolver (dilexp/config), build_cache outside Hydra through ``setting``.
 DEFAULT_MAX_ENTRIES = 256
 DEFAULT_MAX_BYTES = 1 << 30
 DEFAULT_HOT_MAX_BYTES = 256 << 20
@@ -89,8 +90,21 @@ def boolean(field: str, value: Any) -> bool:
     raise ConfigError(field, value, "expected true or false")
 
 
+# Environment variable -> (default, parser), for the ``dilexp.env`` resolver.
+ENV_SETTINGS: dict[str, tuple[Any, Callable[[str, Any], Any]]] = {}
+
+
 def setting(name: str, value: Any, env: str, default: Any, parse: Callable[[str, Any], Any]) -> Any:
     """Parse a setting, falling back to ``$env`` and then ``default`` when it is None."""
     if value is None:
         value = os.environ.get(env, default)
     return parse(f"cache.{name}", value)
+
+
+ENV_SETTINGS.update({
+    ENV_MAX_ENTRIES: (DEFAULT_MAX_ENTRIES, positive_int),
+    ENV_MAX_BYTES: (DEFAULT_MAX_BYTES, byte_size),
+    ENV_HOT_MAX_BYTES: (DEFAULT_HOT_MAX_BYTES, byte_size),
+    ENV_PROMOTE_AFTER: (DEFAULT_PROMOTE_AFTER, positive_int),
+    ENV_PREGENERATE: (DEFAULT_PREGENERATE, boolean),
+})

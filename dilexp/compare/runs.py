@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,6 +55,12 @@ def _run_from_summary(path: Path) -> Run:
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
         return Run(folder, "corrupt", "?", _settings_from_hydra(path.parent), error=f"{SUMMARY}: {e}")
+    wrong = _wrong_type(data)
+    if wrong:
+        # Well-formed JSON that is not a run record: say which file and field, and show the run as
+        # corrupt instead of failing on it (issue 14, item 9).
+        print(f"dilexp.compare: {path}: {wrong}; shown as corrupt", file=sys.stderr)
+        return Run(folder, "corrupt", "?", _settings_from_hydra(path.parent), error=f"{SUMMARY}: {wrong}")
     bench = data.get("bench")
     return Run(
         folder, str(data.get("status") or "unknown"), str(data.get("task") or "?"),
@@ -62,6 +69,52 @@ def _run_from_summary(path: Path) -> Run:
         bench=[r for r in bench if isinstance(r, dict)] if isinstance(bench, list) else [],
         error=data.get("error"),
     )
+
+
+_SCALAR = (str, int, float, bool, type(None))
+
+
+def _wrong_type(data: dict[str, Any]) -> str | None:
+    """The first field of a summary.json whose type no run record has, described; None if all fit."""
+    def kind(v: Any) -> str:
+        return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+            type(v), "a number")
+
+    for key in ("status", "task", "error"):
+        if key in data and not isinstance(data[key], _SCALAR):
+            return f"field {key!r} is {kind(data[key])}, expected a string"
+    choices = data.get("choices")
+    if choices is not None:
+        if not isinstance(choices, dict):
+            return f"field 'choices' is {kind(choices)}, expected an object"
+        for k, v in choices.items():
+            if not isinstance(v, _SCALAR):
+                return f"field 'choices.{k}' is {kind(v)}, expected a string"
+    overrides = data.get("overrides")
+    if overrides is not None:
+        if not isinstance(overrides, list):
+            return f"field 'overrides' is {kind(overrides)}, expected a list of strings"
+        for i, o in enumerate(overrides):
+            if not isinstance(o, str):
+                return f"field 'overrides[{i}]' is {kind(o)}, expected a string"
+    metrics = data.get("metrics")
+    if metrics is not None:
+        if not isinstance(metrics, dict):
+            return f"field 'metrics' is {kind(metrics)}, expected an object"
+        for k, v in metrics.items():
+            if not isinstance(v, _SCALAR):
+                return f"field 'metrics.{k}' is {kind(v)}, expected a number"
+    bench = data.get("bench")
+    if bench is not None:
+        if not isinstance(bench, list):
+            return f"field 'bench' is {kind(bench)}, expected a list of objects"
+        for i, row in enumerate(bench):
+            if not isinstance(row, dict):
+                return f"field 'bench[{i}]' is {kind(row)}, expected an object"
+            for k, v in row.items():
+                if not isinstance(v, (*_SCALAR, list)):
+                    return f"field 'bench[{i}].{k}' is {kind(v)}, expected a number or string"
+    return None
 
 
 def _settings_from_hydra(folder: Path) -> dict[str, str]:

@@ -18,10 +18,20 @@ class DataModule(L.LightningDataModule):
         super().__init__()
         self.train_set, self.val_set = train, val
         self.vocab_size, self.batch_size, self.num_workers = vocab_size, batch_size, num_workers
+        # Whether the trainer's ranks each take their own batches (DDP) or share them (context parallel).
+        self.data_parallel = True
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          drop_last=True)
+        from dilexp.resume import StartAt, consumed_samples
+
+        # Resumed from a checkpoint: continue with the first sequence the stopped run had not seen.
+        trainer = getattr(self, "trainer", None)
+        step = int(trainer.global_step) if trainer is not None else 0
+        ranks = trainer.world_size if trainer is not None and self.data_parallel else 1
+        start = consumed_samples(step, self.batch_size, ranks, len(self.train_set))  # type: ignore[arg-type]
+        sampler = StartAt(len(self.train_set), start) if start else None  # type: ignore[arg-type]
+        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=False, sampler=sampler,
+                          num_workers=self.num_workers, drop_last=True)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)

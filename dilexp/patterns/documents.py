@@ -176,14 +176,17 @@ def bucket_size(length: int, min_size: int = 16) -> int:
     return -(-length // step) * step
 
 
-def bucket_plan(layout: DocumentLayout, min_size: int = 16) -> BucketPlan:
-    """Documents padded to buckets (``bucket_size``, at most ``n``): one batched kernel call
-    per bucket. Padding slots repeat the document's first token (``valid`` False); the
-    caller masks them as keys."""
+def bucket_plan(layout: DocumentLayout, min_size: int = 16, multiple: int | None = None) -> BucketPlan:
+    """Documents padded to buckets (``bucket_size``, at most ``n``; or, with ``multiple``, to
+    the next multiple of it): one batched kernel call per bucket. Padding slots repeat the
+    document's first token (``valid`` False); the caller keeps them from being keys."""
     by_size: dict[int, list[tuple[int, int]]] = {}
     for r in range(layout.batch):
         for a, b in layout.spans(r):
-            size = min(layout.n, bucket_size(b - a, min_size))
+            if multiple is not None:
+                size = -(-(b - a) // multiple) * multiple
+            else:
+                size = min(layout.n, bucket_size(b - a, min_size))
             by_size.setdefault(size, []).append((r * layout.n + a, b - a))
     buckets, order = [], []
     for size in sorted(by_size):

@@ -51,6 +51,11 @@ def attention_parts(cfg: DictConfig, num_heads: int, head_dim: int) -> Attention
     Each module asks `build_cache` for its cache: `local` gives each its own dict,
     process-wide strategies hand back their shared instance.
     """
+    if not cfg.hardware.get("context_parallel", False):
+        from dilexp.distributed import declare_data_parallel
+
+        # Each rank holds whole sequences: a ring variant must not shard over the ranks (item 11).
+        declare_data_parallel()
     cache_cfg = settings(cfg.cache)
     strategy = cache_cfg.pop("strategy", "none")
     mem_cfg = settings(cfg.memory)

@@ -56,9 +56,9 @@ class ContextParallel:
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the context-parallel group (not differentiable: for logging)."""
-        out = x.clone()
-        torch.distributed.all_reduce(out, group=D.context_parallel_group())
-        return out
+        # A dead rank surfaces here first (every step logs): name it, not just gloo's "closed by peer".
+        return D.all_reduce_or_name(x.clone(), D.context_parallel_group(), "the all-reduce of logged metrics",
+                                    self.timeout_s)
 
     def shard_tensor(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's shard of a (B, N, ...) tensor."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import os
 from datetime import timedelta
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.strategies import DDPStrategy
 from omegaconf import DictConfig
 from tqdm import tqdm
@@ -23,6 +24,12 @@ from dilexp.errors import ConfigError
 from dilexp.evals import BinnedTotals
 from dilexp.models import GPT
 from dilexp.patterns.documents import DocumentLayout
+from dilexp.resume import (
+    Checkpointing,
+    checkpoint_dir,
+    checkpoint_step,
+    resume_checkpoint,
+)
 from dilexp.tasks.components import apply_hardware, build_model, compute_device
 from dilexp.tasks.context import JobContext
 from dilexp.tasks.context_parallel import ContextParallel
@@ -176,6 +183,9 @@ def check_train_settings(t: DictConfig) -> None:
         raise ConfigError("task.lr", t.lr, "must be > 0")
     if int(t.warmup_steps) < 0:
         raise ConfigError("task.warmup_steps", t.warmup_steps, "must be >= 0")
+    for key in ("checkpoint_every_n_steps", "checkpoint_every_s"):
+        if float(t.get(key) or 0) < 0:
+            raise ConfigError(f"task.{key}", t[key], "must be >= 0 (0: off)")
 
 
 def train_flops_per_step(model: GPT, seq_len: int, batch_size: int) -> float:
@@ -202,11 +212,32 @@ class Prepared:
         L.seed_everything(int(cfg.seed), workers=True, verbose=False)
         self.model, self.parts = build_model(cfg, self.data.vocab_size)
         self.seq_len = int(cfg.data.seq_len)
+        # A sweep resumed with +resume=true, or a SLURM job requeued (preempted, or past its time
+        # limit with max_num_timeout > 0), continues from the job folder's checkpoint.
+        resume = t.get("resume")
+        requeued = os.environ.get("SLURM_RESTART_COUNT", "0").strip() not in ("", "0")
+        if resume is None and (str(cfg.get("resume", "")).lower() in ("1", "true", "yes") or requeued):
+            resume = "auto"
+        self.resume_from = resume_checkpoint(resume, ctx_run_dir())
+        self.resume_step = checkpoint_step(self.resume_from) if self.resume_from is not None else None
         self.cp = ContextParallel.from_config(cfg, self.seq_len)
+        if self.cp is not None and str(cfg.data.name) == "docs":
+            check_documents_under_cp(self.model)
         if self.cp is None:
             # Under cp the patterns depend on the shard layout: they are built once the group exists.
             # The model's attention is always causal: the other mask's patterns would only be held.
             pregenerate_patterns(self.model.attention_modules(), self.seq_len, self.device, causal=True)
+
+
+def check_documents_under_cp(model: GPT) -> None:
+    """Documents over a sharded sequence need a variant with its own document path: the base
+    class's generic path slices documents, which a shard does not hold whole."""
+    from dilexp.attention.base import Attention
+
+    for attn in model.attention_modules():
+        if type(attn).forward_documents is Attention.forward_documents:
+            raise ConfigError("data.name", "docs", f"attention={attn.name} has no document path over a "
+                              "context-parallel group; use hardware without cp")
 
 
 def strategy(hw: DictConfig) -> Any:
@@ -215,6 +246,16 @@ def strategy(hw: DictConfig) -> Any:
     if name == "ddp":
         return DDPStrategy(timeout=timedelta(seconds=float(hw.get("timeout_s", 1800))))
     return name
+
+
+def ctx_run_dir() -> Any:
+    """The job's run folder (Hydra's output dir), where ``task.resume=auto`` looks."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get().runtime.output_dir
+    except ValueError:  # built outside a Hydra run (tests): no folder, nothing to resume
+        return "."
 
 
 def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunRecord) -> dict[str, Any]:
@@ -226,7 +267,11 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
                   min_lr_ratio=float(t.min_lr_ratio), context_parallel=prepared.cp,
                   chance=getattr(prepared.data.train_set, "chance", None))
 
-    loggers = make_loggers(cfg, ctx, record)
+    if prepared.resume_from is not None:
+        record.update(resumed={"from": str(prepared.resume_from), "step": prepared.resume_step})
+    loggers = make_loggers(cfg, ctx, record, resume_step=prepared.resume_step)
+    # The data continues where the checkpoint's step left it (DDP ranks each take every world-th sequence).
+    prepared.data.data_parallel = prepared.cp is None
 
     tokens = int(t.batch_size) * prepared.seq_len
     telemetry = Telemetry(
@@ -237,9 +282,11 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
         data_parallel=prepared.cp is None,
     )
     callbacks: list[L.Callback] = [telemetry, TQDMProgressBar(refresh_rate=max(1, int(t.log_every_n_steps) // 2))]
-    if t.get("checkpoint", True) and not t.get("fast_dev_run"):
-        callbacks.append(ModelCheckpoint(dirpath=str(run_dir / "checkpoints"), save_last=True, save_top_k=0,
-                                         every_n_train_steps=int(t.get("checkpoint_every", 0)) or None))
+    # Always there: it also turns a stop signal into a clean stop at a step end (dilexp/signals.py).
+    checkpointing = Checkpointing(checkpoint_dir(run_dir), every_n_steps=int(t.get("checkpoint_every_n_steps") or 0),
+                                  every_s=float(t.get("checkpoint_every_s") or 0),
+                                  enabled=bool(t.get("checkpoint", True)) and not t.get("fast_dev_run"))
+    callbacks.append(checkpointing)
 
     hw = cfg.hardware
     trainer = L.Trainer(
@@ -252,10 +299,11 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
         log_every_n_steps=int(t.log_every_n_steps), gradient_clip_val=float(t.grad_clip) or None,
         fast_dev_run=bool(t.get("fast_dev_run", False)), overfit_batches=t.get("overfit_batches", 0) or 0.0,
         default_root_dir=str(run_dir), logger=loggers or False, callbacks=callbacks,
-        enable_model_summary=False, enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        enable_model_summary=False, enable_checkpointing=False,
         deterministic=False,
     )
-    trainer.fit(lm, datamodule=prepared.data)
+    trainer.fit(lm, datamodule=prepared.data,
+                ckpt_path=str(prepared.resume_from) if prepared.resume_from is not None else None)
 
     metrics: dict[str, Any] = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics.update(telemetry.summary())

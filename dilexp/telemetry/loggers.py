@@ -42,11 +42,13 @@ class JobNames(Protocol):
     def tags(self) -> list[str]: ...
 
 
-def make_loggers(cfg: DictConfig, ctx: JobNames, record: Any) -> list[Any]:
+def make_loggers(cfg: DictConfig, ctx: JobNames, record: Any, resume_step: int | None = None) -> list[Any]:
     """The configured Lightning loggers (``logger=csv``, ``wandb``) of a job writing into its run folder.
 
     A logger that cannot start is left out with a warning; a started W&B run is noted in the
-    run record (its folder, group and mode).
+    run record (its folder, group, mode and id). ``resume_step``: a training run resumed from
+    that step's checkpoint keeps its metrics.csv rows up to there and continues its W&B run
+    (dilexp/resume.py).
     """
     from dilexp.telemetry.wandb_logger import make_wandb_logger, wandb_mode
 
@@ -61,14 +63,25 @@ def make_loggers(cfg: DictConfig, ctx: JobNames, record: Any) -> list[Any]:
         csv_logger = guarded("CSV logger start", CSVLogger, save_dir=str(run_dir), name="", version="",
                              flush_logs_every_n_steps=flush)
         if csv_logger is not FAILED:
+            if resume_step is not None:
+                from dilexp.resume import continue_metrics_csv
+
+                continue_metrics_csv(csv_logger, run_dir, resume_step)
             loggers.append(csv_logger)
     if "wandb" in node:
+        run_id = None
+        if resume_step is not None:
+            from dilexp.resume import previous_wandb_id, supersede_offline_runs
+
+            run_id = previous_wandb_id(run_dir)
+            supersede_offline_runs(run_dir)
         wb = make_wandb_logger(node.wandb, run_dir, ctx.run_name(), ctx.group(cfg), ctx.tags(),
-                               OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+                               OmegaConf.to_container(cfg, resolve=True), run_id=run_id)  # type: ignore[arg-type]
         if wb is not None:
             loggers.append(wb)
             record.update(wandb={"dir": Path(wb.save_dir or run_dir).name, "group": ctx.group(cfg),
-                                 "mode": wandb_mode(node.wandb.get("mode"))})
+                                 "mode": wandb_mode(node.wandb.get("mode")), "id": wb.experiment.id,
+                                 "resumed": run_id is not None})
     return loggers
 
 

@@ -6,11 +6,13 @@ Written at the start (status "running"), and again at the end ("completed" or
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -81,9 +83,15 @@ def _jsonable(x: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    """Write ``path`` whole or not at all: a failed write (disk full) leaves the old file and no temporary."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 class RunRecord:
@@ -107,11 +115,22 @@ class RunRecord:
             "env": env_info(),
             "config": config,
         }
-        write_json_atomic(self.path, self.data)
+        self._write()
+
+    def _write(self) -> None:
+        # The record must never be what ends a job, least of all its failure handler: a write
+        # that fails (ENOSPC, a folder gone read-only) leaves the previous summary.json and says so once.
+        try:
+            write_json_atomic(self.path, self.data)
+        except OSError as e:
+            if not getattr(self, "_write_failed", False):
+                print(f"dilexp: could not write {self.path} ({e.strerror or e}); it keeps its previous content",
+                      file=sys.stderr, flush=True)
+            self._write_failed = True
 
     def update(self, **fields: Any) -> None:
         self.data.update(fields)
-        write_json_atomic(self.path, self.data)
+        self._write()
 
     def finish(self, status: str, error: str | None = None, **fields: Any) -> None:
         self.data.update(fields)
@@ -120,7 +139,7 @@ class RunRecord:
             self.data["error"] = error
         self.data["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.data["wall_s"] = round(time.time() - self.t0, 3)
-        write_json_atomic(self.path, self.data)
+        self._write()
 
 
 class NoRecord:

@@ -60,8 +60,10 @@ class SafeWandbLogger(WandbLogger):
 
 
 def make_wandb_logger(settings: Any, run_dir: Path, name: str, group: str | None, tags: list[str],
-                      config: dict[str, Any]) -> SafeWandbLogger | None:
+                      config: dict[str, Any], run_id: str | None = None) -> SafeWandbLogger | None:
+    """``run_id``: continue that W&B run (a resumed training run) instead of starting a new one."""
     try:
+        resume = {"id": run_id, "resume": "allow"} if run_id else {}
         mode = wandb_mode(settings.get("mode", "auto"))
         if mode == "disabled":
             return None
@@ -75,6 +77,7 @@ def make_wandb_logger(settings: Any, run_dir: Path, name: str, group: str | None
             mode=mode,
             config=config,
             log_model=False,
+            **resume,
             # W&B's own start and end blocks off (finish_wandb prints the one line that
             # matters: how to upload the run); WANDB_SILENT/WANDB_QUIET set by a user win.
             **({} if _user_set_verbosity() else {"settings": _silent_settings()}),
