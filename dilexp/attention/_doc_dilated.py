@@ -83,9 +83,12 @@ class _DocFlash(torch.autograd.Function):
                 # Padded query slots must carry a zero gradient (their outputs were dropped), or
                 # they would push gradient into the keys they see.
                 segs, slots = bk.idx.shape
-                gs = g_flat.new_zeros(segs * slots, qs.shape[1], qs.shape[3])
-                gs.index_copy_(0, bk.keep, g_flat[:, hsel].index_select(0, bk.pos))
-                gs = gs.unflatten(0, (segs, slots)).transpose(1, 2)
+                if bk.keep.numel() == segs * slots:  # no padding (e.g. every full segment): gather as is
+                    gs = _slots(g_flat, hsel, bk)
+                else:
+                    gs = g_flat.new_zeros(segs * slots, qs.shape[1], qs.shape[3])
+                    gs.index_copy_(0, bk.keep, g_flat[:, hsel].index_select(0, bk.pos))
+                    gs = gs.unflatten(0, (segs, slots)).transpose(1, 2)
                 parts = ctx.kernel.backward(gs, qs, ks, vs, o, lse, ctx.causal, ctx.scale)
                 for g_full, part in zip(grads, parts, strict=True):
                     g_full[:, hsel].index_copy_(0, bk.pos, _real(part, bk))
