@@ -192,6 +192,10 @@ def run_job(cfg: DictConfig) -> dict[str, Any] | None:
         if ctx.multirun and not child_rank:
             RunRecord(ctx.run_dir, str(cfg.task.name), ctx.choices, ctx.overrides, resolved(cfg)).finish(
                 "interrupted", error=str(e), interrupted={"signal": signals.signal_name(e.signum), "step": None})
+        from dilexp.sweep import runs_here
+
+        if ctx.multirun and not runs_here(ctx.sweep_dir):
+            return None  # a job in its own process (SLURM): as below
         raise
     except Exception as e:
         # Building can fail in ways no check foresees (an OOM while allocating the model):

@@ -334,10 +334,14 @@ def finish_interrupted_sweep(stop: Any) -> None:
         index = rebuild_index(sweep_dir, finished=True)
         ran = [j for j in index["jobs"] if j.get("last_run")]
         planned = _ACTIVE.get("planned")
-        not_run = None if planned is None else [
+        # launcher=slurm has submitted every job: they run on without this command.
+        go_on = index.get("launcher") == "SlurmLauncher"
+        not_run = None if planned is None or go_on else [
             p for p in planned if not any(same_job(j.get("overrides") or [], p, None) for j in ran)]
         index["interrupted"] = {"signal": signals.signal_name(stop.signum), "at": _now(),
                                 "job": os.path.relpath(job, sweep_dir) if job is not None else None}
+        if go_on:
+            index["interrupted"]["jobs_go_on"] = True
         index["not_run"] = not_run
         with _locked(sweep_dir):
             write_json_atomic(sweep_dir / INDEX, index)
@@ -365,5 +369,3 @@ def _job_failed(job_return: Any) -> bool:
 def _target_name(node: Any) -> str | None:
     target = node.get("_target_") if node is not None else None
     return str(target).rsplit(".", 1)[-1] if target else None
-
-

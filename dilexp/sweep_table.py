@@ -93,8 +93,12 @@ def print_sweep_summary(index: dict[str, Any], sweep_dir: Path, max_rows: int = 
     stopped = index.get("interrupted")
     if stopped:
         left = index.get("not_run")
-        say(f"interrupted by {stopped['signal']}: " + (f"{len(left)} jobs did not run (not_run in {INDEX})"
-                                                        if left is not None else "the jobs left did not run"))
+        if stopped.get("jobs_go_on"):
+            say(f"interrupted by {stopped['signal']}: the submitted SLURM jobs go on (squeue); once they end, "
+                "the resume command below finishes the sweep")
+        else:
+            say(f"interrupted by {stopped['signal']}: " + (f"{len(left)} jobs did not run (not_run in {INDEX})"
+                                                            if left is not None else "the jobs left did not run"))
     for j in bad:
         if j.get("error"):
             say(f"  job {j.get('num')}: {str(j['error'])[:200]}")
