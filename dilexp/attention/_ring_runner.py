@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from dilexp.attention._doc_ring_kernel import doc_op_backward, doc_op_forward
 from dilexp.attention._kernels import fused_ok
 from dilexp.attention._ring_comm import TAG_DKV, TAG_FINAL, TAG_KV, Pending, RingComm
 from dilexp.attention._ring_kernel import _unk, acc_dtype, op_backward, op_forward
+from dilexp.patterns.doc_ring import DocOp
 from dilexp.patterns.ring_layout import Layout
-from dilexp.patterns.ring_ops import HeadRange, causal_masks, masks_key
+from dilexp.patterns.ring_ops import HeadRange, RingPlan, causal_masks, masks_key
 
 if TYPE_CHECKING:
     from dilexp.attention.ring import RingDilatedAttention
@@ -27,7 +29,7 @@ class Runner:
     """One call's worth of state: layout, group, causal flag; runs forward and backward rings."""
 
     def __init__(self, attn: RingDilatedAttention, layout: Layout, group: Any, causal: bool,
-                 device: torch.device) -> None:
+                 device: torch.device, plan: RingPlan | None = None) -> None:
         self.attn = attn
         self.layout = layout
         self.causal = causal
@@ -35,7 +37,8 @@ class Runner:
         self.comm = None
         if layout.world > 1:
             self.comm = RingComm(group, layout.rank, layout.world, attn.name, attn.timeout_s)
-        self.plan = attn.ring_plan(layout, causal, device)
+        # ``plan``: a per-layout plan over packed documents (``patterns.doc_ring``), else the pattern's.
+        self.plan = plan if plan is not None else attn.ring_plan(layout, causal, device)
         self.fused = False  # decided per call from the input (``forward``)
         self._masks: dict[int, torch.Tensor] | None = None
         # (step, op index) -> the final log-sum-exp of a q_only op, kept from forward to backward.
@@ -66,6 +69,9 @@ class Runner:
     def _forward_ops(self, j: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                      lse: torch.Tensor) -> None:
         for i, op in enumerate(self.plan.steps[j]):
+            if isinstance(op, DocOp):
+                doc_op_forward(q, k, v, op, self.attn.scale, out, lse)
+                continue
             own = op_forward(q, k, v, op, self.attn.scale, out, lse, self.fused, self._mask)
             if own is not None:
                 self.own_lse[(j, i)] = own
@@ -74,6 +80,9 @@ class Runner:
                       dout: torch.Tensor, lse: torch.Tensor, dq: torch.Tensor, dk: torch.Tensor,
                       dv: torch.Tensor) -> None:
         for i, op in enumerate(self.plan.steps[j]):
+            if isinstance(op, DocOp):
+                doc_op_backward(q, k, v, out, dout, lse, op, self.attn.scale, dq, dk, dv)
+                continue
             op_backward(q, k, v, out, dout, lse, op, self.attn.scale, dq, dk, dv, self.fused, self._mask,
                         self.own_lse.pop((j, i), None))
 

@@ -15,10 +15,12 @@ from collections.abc import Hashable
 import torch
 import torch.nn.functional as F
 
+from dilexp.attention._doc_dilated import documents_forward
 from dilexp.attention._kernels import explicit_attention, heads_index, lse_dtype, lse_floor, masked_attention_lse
 from dilexp.attention.base import Capabilities, DilatedAttentionBase
 from dilexp.attention.registry import register
 from dilexp.memory.base import MemoryPool
+from dilexp.patterns.documents import DocumentLayout
 from dilexp.patterns.gather import BranchGather, build_gather_plan, gather_key
 
 
@@ -57,6 +59,13 @@ class DilatedAttention(DilatedAttentionBase):
         """Every branch's gather plan (patterns/gather.py): one cache lookup per call."""
         key: Hashable = gather_key(self.pattern, n, self.num_heads, causal)
         return self.lookup(key, lambda: build_gather_plan(self.pattern, n, self.num_heads, causal), device)
+
+    def forward_documents(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, docs: DocumentLayout
+    ) -> torch.Tensor:
+        """Packed documents: one per-layout gather plan for all documents (``_doc_dilated``),
+        every segment padded to the longest."""
+        return documents_forward(self, q, k, v, causal, docs, bucketed=False)
 
     def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
         for c in (False, True) if causal is None else (causal,):

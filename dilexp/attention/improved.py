@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dilexp.attention._doc_dilated import documents_forward
 from dilexp.attention._kernels import (
     LSEKernel,
     explicit_attention,
@@ -44,6 +45,7 @@ from dilexp.attention._kernels import (
 from dilexp.attention.base import Capabilities, DilatedAttentionBase
 from dilexp.attention.registry import register
 from dilexp.memory.base import MemoryPool
+from dilexp.patterns.documents import DocumentLayout
 from dilexp.patterns.strided import BranchPlan, plan_branches, strided_key
 
 
@@ -177,6 +179,14 @@ class ImprovedDilatedAttention(DilatedAttentionBase):
         # hit/miss statistics comparable with the index-based variants.
         p, h = self.pattern, self.num_heads
         return self.lookup(strided_key(p, n, h), lambda: plan_branches(p, n, h), device)
+
+    def forward_documents(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, docs: DocumentLayout
+    ) -> torch.Tensor:
+        """Packed documents: one per-layout gather plan for all documents (``_doc_dilated``);
+        segments bucketed by length, full ones unpadded."""
+        kernel = lse_kernel(q) if self.use_cpu_flash else None
+        return documents_forward(self, q, k, v, causal, docs, bucketed=True, kernel=kernel)
 
     def prepare(self, n: int, device: torch.device | str, causal: bool | None = None) -> None:
         self._plans(n, device)  # one plan serves both masks

@@ -77,6 +77,8 @@ from dilexp.distributed import (
 )
 from dilexp.errors import ConfigError
 from dilexp.memory.base import MemoryPool
+from dilexp.patterns.doc_ring import DocRingPlan, build_doc_ring, doc_ring_key
+from dilexp.patterns.documents import DocumentLayout
 from dilexp.patterns.ring_layout import Layout, make_layout
 from dilexp.patterns.ring_ops import BlockOp, RingPlan, build_block_pattern, build_ring_plan, ring_key
 
@@ -248,11 +250,33 @@ class RingDilatedAttention(DilatedAttentionBase):
         runner.complete_lse(lse)
         return out, lse
 
-    def _runner(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> Runner:
+    def forward_documents(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, docs: DocumentLayout
+    ) -> torch.Tensor:
+        """Packed documents: the same ring over a per-layout plan (``patterns.doc_ring``). ``docs``
+        describes the whole sequence (global N), also when each rank holds a shard; documents
+        may span shards, and block pairs no document connects are skipped."""
+        return RingFunction.apply(q, k, v, self._runner(q, k, v, causal, docs))
+
+    def doc_plan(self, docs: DocumentLayout, causal: bool, group: Any, device: torch.device | str) -> DocRingPlan:
+        """This rank's layout and ops over ``docs``, through the cache (keyed by the layout)."""
+        rank, world = group_rank_world(group)
+        key = doc_ring_key(self.pattern, self.num_heads, docs, world, rank, self.chunks, self.placement, causal)
+        return self.lookup(key, lambda: build_doc_ring(self.branches, docs, world, rank, self.chunks,
+                                                       self.placement, causal), device)
+
+    def _runner(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
+                docs: DocumentLayout | None = None) -> Runner:
         self._check_input(q, k, v)
         group = self.resolve_group()
         rank, world = group_rank_world(group)
         n = self._resolve_len(q.shape[1], group, rank, world, q.device)
+        if docs is not None:
+            if docs.n != n or docs.batch != q.shape[0]:
+                raise ValueError(f"{self.name}: layout is for B={docs.batch}, N={docs.n}, got B={q.shape[0]}, "
+                                 f"N={n} (the global length)")
+            entry = self.doc_plan(docs, bool(causal), group, q.device)
+            return Runner(self, entry.layout, group, bool(causal), q.device, plan=entry.plan)
         lay = self.layout(n, bool(causal), group)
         return Runner(self, lay, group, bool(causal), q.device)
 

@@ -15,20 +15,23 @@ import torch
 import torch.nn.functional as F
 
 from dilexp.attention import Attention
+from dilexp.bench.documents import NODOCS, DocSteps, doc_columns, doc_layouts
 from dilexp.bench.flops import KERNEL, MODEL, attention_flops, attention_pairs, dense_pairs, model_flops, model_pairs
 from dilexp.bench.memory import measure_case_memory
 from dilexp.bench.settings import BenchSettings
-from dilexp.bench.stats import cache_columns, pair_columns, pool_columns
+from dilexp.bench.stats import cache_columns, pair_columns, pool_columns, stats_delta
 from dilexp.bench.timing import Candidate, free_memory, is_oom, run_interleaved, spread
 from dilexp.bench.twins import COMPARE_CACHE, COMPARE_MEMORY, Variant
 from dilexp.cache import pregenerate_patterns
+from dilexp.metrics import CACHE_COUNTERS
 from dilexp.models import GPT
+from dilexp.patterns.documents import DocumentLayout
 
 _MB = float(2**20)
 
 
 def attention_step(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-                   grad_out: torch.Tensor | None) -> Any:
+                   grad_out: torch.Tensor | None, docs: DocumentLayout | None = None) -> Any:
     """The timed unit of the attention target: forward, or forward + backward to q, k, v.
 
     ``torch.autograd.grad`` rather than ``.backward()``: no ``.grad`` accumulation to
@@ -36,24 +39,24 @@ def attention_step(attn: Attention, q: torch.Tensor, k: torch.Tensor, v: torch.T
     """
     if grad_out is None:
         with torch.no_grad():
-            return attn(q, k, v, causal=causal)
-    out = attn(q, k, v, causal=causal)
+            return attn(q, k, v, causal=causal, docs=docs)
+    out = attn(q, k, v, causal=causal, docs=docs)
     return torch.autograd.grad(out, (q, k, v), grad_out)
 
 
 def model_step(model: GPT, optimizer: torch.optim.Optimizer | None, tokens: torch.Tensor,
-               autocast_dtype: torch.dtype | None) -> Any:
+               autocast_dtype: torch.dtype | None, docs: DocumentLayout | None = None) -> Any:
     """The timed unit of the model target: one training step (or a forward + loss when no optimizer)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     device_type = tokens.device.type
     if optimizer is None:
         with torch.no_grad(), torch.autocast(device_type, dtype=autocast_dtype or torch.float32,
                                              enabled=autocast_dtype is not None):
-            logits = model(inputs)
+            logits = model(inputs, docs=docs)
             return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
     optimizer.zero_grad(set_to_none=True)
     with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        logits = model(inputs)
+        logits = model(inputs, docs=docs)
     loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
     loss.backward()
     optimizer.step()
@@ -77,15 +80,16 @@ def attention_case(s: BenchSettings, dev: torch.device, variants: list[Variant],
                for _ in range(3))
     g = torch.randn(shape, generator=gen, dtype=torch.float32).to(dev, s.dtype) if grad else None
     case = Case(n)
+    ids = _doc_ids(s, n)
     for var in variants:
         assert var.attn is not None
         attn = var.attn
 
         # Looked up in the module at call time, so tests can replace attention_step.
-        def fn(attn: Attention = attn) -> Any:
-            return attention_step(attn, q, k, v, s.causal, g)
+        def fn(docs: DocumentLayout | None = None, attn: Attention = attn) -> Any:
+            return attention_step(attn, q, k, v, s.causal, g, docs)
 
-        case.candidates.append((var, Candidate(var.role, fn)))
+        case.candidates.append((var, Candidate(var.role, _unit(fn, var, ids))))
     return case, {"batch": s.batch, "heads": s.heads, "head_dim": s.head_dim, "causal": s.causal}
 
 
@@ -96,19 +100,36 @@ def model_case(s: BenchSettings, dev: torch.device, variants: list[Variant], n: 
     tokens = torch.randint(0, s.vocab_size, (s.batch, n + 1), generator=gen).to(dev)
     autocast = None if s.dtype == torch.float32 else s.dtype
     case = Case(n)
+    ids = _doc_ids(s, n)
     for var in variants:
         assert var.model is not None
         if s.mode == "fwd_bwd" and var.optimizer is None:
             var.optimizer = torch.optim.AdamW(var.model.parameters(), lr=1e-4)
         var.model.train(s.mode == "fwd_bwd")
 
-        def fn(model: GPT = var.model, opt: Any = var.optimizer if s.mode == "fwd_bwd" else None) -> Any:
-            return model_step(model, opt, tokens, autocast)
+        def fn(docs: DocumentLayout | None = None, model: GPT = var.model,
+               opt: Any = var.optimizer if s.mode == "fwd_bwd" else None) -> Any:
+            return model_step(model, opt, tokens, autocast, docs)
 
-        case.candidates.append((var, Candidate(var.role, fn)))
+        case.candidates.append((var, Candidate(var.role, _unit(fn, var, ids))))
     m = variants[0].model
     assert m is not None
     return case, {"batch": s.batch, "heads": m.cfg.n_head, "head_dim": m.cfg.head_dim, "causal": True}
+
+
+def _doc_ids(s: BenchSettings, n: int) -> list[torch.Tensor] | None:
+    """bench.docs: one fresh layout per call of a candidate (warm-up, timed, memory pass)."""
+    if s.docs is None:
+        return None
+    return doc_layouts(s.docs, s.batch, n, s.warmup + s.repeats + 2)
+
+
+def _unit(fn: Any, var: Variant, ids: list[torch.Tensor] | None) -> Any:
+    """The candidate's timed unit: ``fn`` as is, or over packed documents (the nodocs twin:
+    the same tokens without them), timed by ``DocSteps``."""
+    if ids is None:
+        return fn
+    return DocSteps(fn, None if var.role == NODOCS else ids)
 
 
 def useful_flops(s: BenchSettings, var: Variant, n: int) -> tuple[float, float]:
@@ -200,6 +221,10 @@ def run_case(s: BenchSettings, dev: torch.device, variants: list[Variant], n: in
                 if math.isfinite(medians.get("compare", math.nan)):
                     row["speedup_vs_compare"] = medians["compare"] / med
         row.update(mem.get(id(var), {}))
+        if s.docs is not None:
+            row["docs"] = s.docs.spec
+            build_s = stats_delta(before[id(var)][0], var.stats()[0], CACHE_COUNTERS).get("build_s", 0.0)
+            row.update(doc_columns(var.role, c.fn, build_s, medians, c.median_s if c.alive else math.nan))
         if var.role == "main":
             for role, group, choice in ((COMPARE_CACHE, "cache", s.compare_cache),
                                         (COMPARE_MEMORY, "memory", s.compare_memory)):

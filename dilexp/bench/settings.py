@@ -8,6 +8,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dilexp.attention import available
+from dilexp.bench.documents import DocLengths, parse_docs
 from dilexp.bench.flops import MODES
 from dilexp.cache import STRATEGIES
 from dilexp.errors import ConfigError
@@ -43,6 +44,8 @@ class BenchSettings:
     vocab_size: int
     cache_calls: int
     cache_miss_calls: int
+    # Packed documents (bench.docs): a length distribution, None for plain sequences.
+    docs: DocLengths | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -99,6 +102,9 @@ def read_settings(cfg: DictConfig) -> BenchSettings:
             raise ConfigError("bench.compare_to", compare_to, "sdpa is already the baseline (bench.baseline_sdpa)")
     compare_cache = _compare_choice(cfg, node, "compare_cache", "cache", "strategy", sorted(STRATEGIES), str(target))
     compare_memory = _compare_choice(cfg, node, "compare_memory", "memory", "kind", sorted(POOLS), str(target))
+    docs = parse_docs(node.get("docs"))
+    if docs is not None and target == "cache":
+        raise ConfigError("bench.docs", node.get("docs"), "applies to bench.target=attention or model, not cache")
     return BenchSettings(
         target=str(target), seq_lens=tuple(seq_lens), mode=str(mode), causal=_bool(node, "causal"),
         batch=_int(node, "batch", 1), heads=_int(node, "heads", 1), head_dim=_int(node, "head_dim", 1),
@@ -108,6 +114,7 @@ def read_settings(cfg: DictConfig) -> BenchSettings:
         matmul_reference=_bool(node, "matmul_reference"), matmul_size=_int(node, "matmul_size", 1),
         memory_pass=_bool(node, "memory_pass"), vocab_size=_int(node, "vocab_size", 2),
         cache_calls=_int(node, "cache_calls", 1), cache_miss_calls=_int(node, "cache_miss_calls", 1),
+        docs=docs,
     )
 
 

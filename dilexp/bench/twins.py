@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from dilexp.attention import Attention, available, capabilities
 from dilexp.attention.registry import settings_of
+from dilexp.bench.documents import NODOCS
 from dilexp.bench.settings import BenchSettings
 from dilexp.cache import PatternCache, collect_stats
 from dilexp.memory import MemoryPool
@@ -65,7 +66,7 @@ def with_group(cfg: DictConfig, group: str, field_name: str, choice: str) -> Dic
 class Variant:
     """One attention variant (or a model around it) and its caches and pool."""
 
-    role: str  # main | sdpa | compare | compare_cache | compare_memory
+    role: str  # main | sdpa | compare | compare_cache | compare_memory | nodocs
     name: str
     caches: list[PatternCache]  # the pattern caches its modules use (one per layer with `local`)
     pool: MemoryPool
@@ -107,4 +108,7 @@ def plan_variants(cfg: DictConfig, s: BenchSettings) -> list[tuple[str, str, Dic
         plan.append((COMPARE_CACHE, main, with_group(cfg, "cache", "strategy", s.compare_cache)))
     if s.compare_memory is not None:
         plan.append((COMPARE_MEMORY, main, with_group(cfg, "memory", "kind", s.compare_memory)))
+    if s.docs is not None:
+        # The same variant on the same tokens without documents (bench.docs): what they cost.
+        plan.append((NODOCS, main, cfg))
     return plan

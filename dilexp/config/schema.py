@@ -144,6 +144,7 @@ class Bench:
     vocab_size: int = opt(ge=2)
     cache_calls: int = opt(ge=1)
     cache_miss_calls: int = opt(ge=1)
+    docs: str | None = opt()  # fixed:L | uniform:a-b | lognormal:mean (parsed by dilexp.bench.documents)
 
 
 # -- model, data, hardware, logger -------------------------------------------------------------
