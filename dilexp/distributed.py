@@ -10,7 +10,8 @@ Three things live here, all plain torch (nothing of Lightning or Hydra):
   rank, the caller is sharding by hand and the ring uses the default group (attending
   within the local shard would be a different function, silently). Data parallelism,
   where every rank holds whole sequences and a ring over the ranks would mix samples,
-  says so with ``declare_data_parallel`` (the tasks do, for every hardware but cp);
+  says so with ``declare_data_parallel`` (the tasks do, for every hardware but cp). Under a
+  (dp, cp) device mesh (``init_mesh``, torch's DeviceMesh) the cp group is the mesh's cp dimension;
 - the shard layout of a length-N sequence over P parts, and sharding / unsharding of a
   (B, N, ...) tensor by it.
 
@@ -34,9 +35,11 @@ import datetime
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from dilexp.errors import ConfigError
 
@@ -143,6 +146,58 @@ def init_context_parallel(
     dist.barrier(group=group)
     set_context_parallel_group(group)
     return group
+
+
+def init_mesh(dp: int, cp: int, device_type: str, timeout_s: float | None = None) -> DeviceMesh:
+    """The (dp, cp) device mesh of a job, with its cp dimension registered as the ring's group.
+
+    Built by torch's ``init_device_mesh`` on the default group (collective: every rank calls
+    it). Ranks are laid out row-major, so a cp group is ``cp`` consecutive ranks (on one node
+    when cp divides the devices per node, where the ring's transfers are cheapest) and a dp
+    group is the ranks with the same place in their cp group. Each dimension gets its own
+    communicator, so ring transfers never interleave with gradient reductions.
+    """
+    global _timeout_s
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("init_mesh: no default process group; call init_process_group first")
+    if timeout_s is not None:
+        _timeout_s = float(timeout_s)
+    world = dist.get_world_size()
+    if dp * cp != world:
+        raise ConfigError("hardware.cp_size", cp, f"a ({dp} x {cp}) mesh needs {dp * cp} ranks, the world has {world}")
+    mesh = init_device_mesh(device_type, (dp, cp), mesh_dim_names=("dp", "cp"),
+                            backend_override={"dp": _own_groups(), "cp": _own_groups()})
+    group = mesh.get_group("cp")
+    # As in init_context_parallel: NCCL makes communicators lazily, and the ring's first
+    # batch_isend_irecv may not involve every member.
+    dist.barrier(group=group)
+    set_context_parallel_group(group)
+    return mesh
+
+
+def hsdp_mesh(mesh: DeviceMesh) -> DeviceMesh:
+    """The same ranks as (replicate over cp, shard over dp), the layout FSDP2's ``fully_shard``
+    takes for hybrid sharding: parameters sharded over dp, their gradients also averaged over cp."""
+    dp, cp = mesh.size(0), mesh.size(1)
+    ranks = mesh.mesh.view(dp, cp).t().contiguous()
+    return DeviceMesh(mesh.device_type, ranks, mesh_dim_names=("cp_replicate", "dp_shard"),
+                      backend_override=(_own_groups(), _own_groups()))
+
+
+def _own_groups() -> tuple[str, Any]:
+    """A mesh dimension's backend and options: always its own communicators (torch's mesh would
+    reuse the default group for a dimension that spans the world, and DDP's asynchronous
+    all-reduce runs there during the ring's transfers), with this job's timeout."""
+    backend = dist.get_backend()
+    timeout = datetime.timedelta(seconds=_timeout_s)
+    options: Any = None
+    if backend == "gloo":
+        options = dist.ProcessGroupGloo._Options()
+    elif backend == "nccl" and hasattr(dist, "ProcessGroupNCCL"):
+        options = dist.ProcessGroupNCCL.Options()
+    if options is not None:
+        options._timeout = timeout
+    return backend, options
 
 
 def set_context_parallel_group(group: dist.ProcessGroup | None, enabled: bool = True) -> None:
@@ -347,7 +402,9 @@ __all__ = [
     "free_port",
     "global_rank",
     "group_rank_world",
+    "hsdp_mesh",
     "init_context_parallel",
+    "init_mesh",
     "init_process_group",
     "ranges_len",
     "set_context_parallel_group",

@@ -77,8 +77,10 @@ def _run(cfg: DictConfig, ctx: JobContext, prepared: Any, record: Any) -> dict[s
 
 
 def is_launched_rank() -> bool:
-    """True in the extra ranks Lightning's DDP launcher starts (they re-run this entry point)."""
-    return int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0
+    """True in the extra ranks Lightning's DDP launcher starts (they re-run this entry point),
+    and in the SLURM tasks other than the first of a multi-task job (one task per device)."""
+    slurm_rank = int(os.environ.get("SLURM_PROCID", "0")) if int(os.environ.get("SLURM_NTASKS", "1")) > 1 else 0
+    return int(os.environ.get("LOCAL_RANK", "0")) != 0 or int(os.environ.get("NODE_RANK", "0")) != 0 or slurm_rank != 0
 
 
 def is_multiprocess(cfg: DictConfig) -> bool:

@@ -73,11 +73,15 @@ TRAIN_METRICS = (
     Metric("train/loss", "loss", ""), Metric("val/loss", "val loss", ""), Metric("val/acc", "val acc", "fraction"),
     Metric("perf/step_ms", "step ms", "ms"), Metric("perf/step_ms_median", "step ms", "ms"),
     Metric("perf/tokens_per_s", "tok/s", "1/s"), Metric("perf/tokens_per_s_median", "tok/s", "1/s"),
+    Metric("perf/tokens_per_s_per_device", "tok/s/dev", "1/s"),
+    Metric("perf/tokens_per_s_per_device_median", "tok/s/dev", "1/s"),
+    Metric("mesh/dp", "dp", ""), Metric("mesh/cp", "cp", ""),
     Metric("perf/tflops", "TFLOP/s (model)", "TFLOP/s"), Metric("perf/tflops_median", "TFLOP/s (model)", "TFLOP/s"),
     Metric("perf/mfu", "MFU (model)", "fraction"),
     Metric("memory/peak_allocated_mb", "peak alloc MB", "MB"), Metric("memory/peak_reserved_mb", "peak reserved MB",
                                                                        "MB"),
     Metric("memory/peak_rss_mb", "peak RSS MB", "MB"),
+    Metric("memory/model_state_mb", "model state MB", "MB"),
 )
 # A bench row's own figures (one case of one candidate). Its TFLOP/s is by the row's
 # ``flop_count`` (kernel for the attention target, model for the model target).

@@ -66,6 +66,7 @@ class TrainTask:
     betas: list[float] = opt(length=2)
     warmup_steps: int = opt(ge=0)
     grad_clip: float | None = opt(ge=0)
+    accumulate_grad_batches: int = opt(ge=1)
     log_every_n_steps: int = opt(ge=1)
     val_every_n_steps: int = opt(ge=1)
     val_batches: int = opt(ge=0)
@@ -209,6 +210,10 @@ class Hardware:
     context_parallel: bool = opt()
     timeout_s: float = opt(gt=0)
     threads: int | None = opt(ge=1)
+    # hardware=cp's mesh (issue 19): ranks per context-parallel group (null: the world), and
+    # parameters, gradients and optimizer state sharded over the data-parallel replicas (FSDP2).
+    cp_size: int | None = opt(ge=1)
+    shard_model: bool = opt()
 
 
 @dataclass

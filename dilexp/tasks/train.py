@@ -32,7 +32,7 @@ from dilexp.resume import (
 )
 from dilexp.tasks.components import apply_hardware, build_model, compute_device
 from dilexp.tasks.context import JobContext
-from dilexp.tasks.context_parallel import ContextParallel
+from dilexp.tasks.context_parallel import ContextParallel, check_checkpoint_mesh, read_checkpoint_mesh
 from dilexp.telemetry.callbacks import Telemetry
 from dilexp.telemetry.loggers import make_loggers  # noqa: F401  (also task=eval's factory)
 from dilexp.telemetry.record import RunRecord
@@ -55,10 +55,26 @@ class LMModule(L.LightningModule):
         # the epoch's batches and the ranks before any division; the last epoch's counts are kept.
         self._by_distance, self._by_position = BinnedTotals(), BinnedTotals()
         self.bin_counts: dict[str, int] = {}
+        self._sharded = False
 
     def setup(self, stage: str) -> None:
-        if self.cp is not None:
+        if self.cp is not None and self.cp.mesh is None:
             self.cp.setup(self.model, self.device)
+
+    def configure_model(self) -> None:
+        # hardware.shard_model: FSDP2 over the mesh's dp dimension (ModelParallelStrategy calls
+        # this once the mesh exists, before the optimizer is built over the sharded parameters).
+        if self.cp is not None and self.cp.shard_model and not self._sharded:
+            self.cp.shard_model_state(self.model)
+            self._sharded = True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.cp is not None:
+            checkpoint["dilexp_mesh"] = self.cp.checkpoint_mesh()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.cp is not None:
+            check_checkpoint_mesh(checkpoint.get("dilexp_mesh"), self.cp.checkpoint_mesh(), "being loaded")
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -102,9 +118,12 @@ class LMModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss_sum, _, count = self._loss_terms(batch)
         loss = loss_sum / count
-        self.log("train/loss", self._whole(loss), prog_bar=True, on_step=True, on_epoch=False)
+        # Several replicas: the logged loss is their mean (the global batch's), not rank 0's.
+        many = self.cp is not None and self.cp.dp > 1
+        self.log("train/loss", self._whole(loss), prog_bar=True, on_step=True, on_epoch=False, sync_dist=many)
         if self.cp is not None:
-            # DDP averages gradients over the ranks; the shards' gradients must add up instead.
+            # DDP/FSDP average gradients over all ranks; the shards' gradients must add up
+            # within a replica (x cp), and the replicas are then averaged.
             loss = loss * self.cp.world
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
         return loss
@@ -181,6 +200,8 @@ def check_train_settings(t: DictConfig) -> None:
             raise ConfigError(f"task.{key}", t[key], "must be >= 1")
     if float(t.lr) <= 0:
         raise ConfigError("task.lr", t.lr, "must be > 0")
+    if int(t.get("accumulate_grad_batches", 1)) < 1:
+        raise ConfigError("task.accumulate_grad_batches", t.accumulate_grad_batches, "must be >= 1")
     if int(t.warmup_steps) < 0:
         raise ConfigError("task.warmup_steps", t.warmup_steps, "must be >= 0")
     for key in ("checkpoint_every_n_steps", "checkpoint_every_s"):
@@ -221,12 +242,30 @@ class Prepared:
         self.resume_from = resume_checkpoint(resume, ctx_run_dir())
         self.resume_step = checkpoint_step(self.resume_from) if self.resume_from is not None else None
         self.cp = ContextParallel.from_config(cfg, self.seq_len)
+        if self.cp is not None and self.resume_from is not None:
+            # Before any work: a checkpoint resumes on the mesh it was written on.
+            check_checkpoint_mesh(read_checkpoint_mesh(str(self.resume_from)), self.cp.checkpoint_mesh(),
+                                  str(self.resume_from))
         if self.cp is not None and str(cfg.data.name) == "docs":
             check_documents_under_cp(self.model)
         if self.cp is None:
             # Under cp the patterns depend on the shard layout: they are built once the group exists.
             # The model's attention is always causal: the other mask's patterns would only be held.
             pregenerate_patterns(self.model.attention_modules(), self.seq_len, self.device, causal=True)
+
+
+def model_state_mb(model: torch.nn.Module, optimizers: list[Any]) -> float:
+    """This rank's parameters, gradients and optimizer state in MB: what sharding divides
+    (a sharded tensor counts its local shard; a process's RSS on CPU hides it under the runtime)."""
+    def local(t: Any) -> int:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size() if isinstance(t, torch.Tensor) else 0
+
+    total = sum(local(p) + (local(p.grad) if p.grad is not None else 0) for p in model.parameters())
+    for opt in optimizers:
+        total += sum(local(v) for state in opt.state.values() for v in state.values() if v is not None and
+                     getattr(v, "dim", lambda: 0)() > 0)
+    return total / 2**20
 
 
 def check_documents_under_cp(model: GPT) -> None:
@@ -270,8 +309,11 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
     if prepared.resume_from is not None:
         record.update(resumed={"from": str(prepared.resume_from), "step": prepared.resume_step})
     loggers = make_loggers(cfg, ctx, record, resume_step=prepared.resume_step)
-    # The data continues where the checkpoint's step left it (DDP ranks each take every world-th sequence).
+    # The data continues where the checkpoint's step left it (DDP ranks each take every world-th
+    # sequence; under cp the dp replicas take turns, the ranks of a replica share its batches).
     prepared.data.data_parallel = prepared.cp is None
+    if prepared.cp is not None:
+        prepared.data.replica = prepared.cp.replica
 
     tokens = int(t.batch_size) * prepared.seq_len
     telemetry = Telemetry(
@@ -280,6 +322,7 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
         caches=lambda: prepared.parts.caches, pool=prepared.parts.pool,
         extra=lambda: {f"ring/{k}": v for k, v in ring_stats(model).items()},
         data_parallel=prepared.cp is None,
+        mesh=(prepared.cp.dp, prepared.cp.world) if prepared.cp is not None else None,
     )
     callbacks: list[L.Callback] = [telemetry, TQDMProgressBar(refresh_rate=max(1, int(t.log_every_n_steps) // 2))]
     # Always there: it also turns a stop signal into a clean stop at a step end (dilexp/signals.py).
@@ -291,9 +334,11 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
     hw = cfg.hardware
     trainer = L.Trainer(
         accelerator=str(hw.accelerator), devices=hw.devices, num_nodes=int(hw.get("num_nodes", 1)),
-        strategy=strategy(hw), precision=hw.precision,
+        strategy=prepared.cp.strategy() if prepared.cp is not None else strategy(hw), precision=hw.precision,
+        # Under cp the data module splits over the dp replicas only (cp ranks share a batch).
         use_distributed_sampler=prepared.cp is None,
         max_steps=int(t.max_steps), val_check_interval=int(t.val_every_n_steps),
+        accumulate_grad_batches=int(t.get("accumulate_grad_batches", 1)),
         check_val_every_n_epoch=None, limit_val_batches=int(t.val_batches),
         num_sanity_val_steps=0,
         log_every_n_steps=int(t.log_every_n_steps), gradient_clip_val=float(t.grad_clip) or None,
@@ -312,9 +357,15 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
     metrics["train/loss_first"], metrics["train/loss_last"] = losses[0], losses[-1]
     metrics["train/steps"] = float(trainer.global_step)
     metrics["model/params_non_embedding"] = float(model.num_params())
+    metrics["memory/model_state_mb"] = model_state_mb(lm.model, trainer.optimizers)
     metrics.update({k.replace("val/", "val/count_", 1): float(n) for k, n in lm.bin_counts.items()})
     keys = sorted({str(k) for c in prepared.parts.caches if hasattr(c, "keys") for k in c.keys()})
     for lg in loggers:
         if isinstance(lg, SafeWandbLogger) and trainer.is_global_zero:
             lg._guard("summary", lambda lg=lg: lg.experiment.summary.update({"cache_keys": keys, **metrics}))
-    return {"metrics": metrics, "cache_keys": keys}
+    # The mesh as it ran, and who started the ranks (Lightning's cluster environment: SLURM, ...).
+    cp = prepared.cp
+    mesh = {"dp": cp.dp if cp else trainer.world_size, "cp": cp.world if cp else 1, "world": trainer.world_size,
+            "shard_model": bool(cp and cp.shard_model), "nodes": trainer.num_nodes,
+            "cluster": type(getattr(trainer.strategy, "cluster_environment", None)).__name__}
+    return {"metrics": metrics, "cache_keys": keys, "mesh": mesh}

@@ -50,8 +50,13 @@ class Telemetry(L.Callback):
         extra: Callable[[], dict[str, float]] | None = None,
         print_lines: bool = True,
         data_parallel: bool = True,
+        mesh: tuple[int, int] | None = None,
     ) -> None:
         self.data_parallel = data_parallel
+        # (dp, cp): dp replicas of cp ranks; None: every rank a replica (data_parallel) or one process.
+        self.mesh = mesh
+        self.devices = 1
+        self._scaled = False
         self.every = max(1, int(every))
         self.tokens_per_step = tokens_per_step
         self.flops_per_step = flops_per_step
@@ -64,11 +69,16 @@ class Telemetry(L.Callback):
         self._window: list[float] = []
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Data-parallel ranks each process their own batch: the job's throughput is the sum.
-        if self.data_parallel:
-            self.tokens_per_step *= trainer.world_size
-            self.flops_per_step *= trainer.world_size
-            self.data_parallel = False
+        # Data-parallel replicas each process their own batch: the job's throughput is the sum;
+        # the cp ranks of a replica share one batch. Per device: the total over every rank.
+        if self._scaled:
+            return
+        if self.mesh is None:
+            self.mesh = (trainer.world_size, 1) if self.data_parallel else (1, 1)
+        self.tokens_per_step *= self.mesh[0]
+        self.flops_per_step *= self.mesh[0]
+        self.devices = self.mesh[0] * self.mesh[1]
+        self._scaled = True
 
     def _sync(self, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
@@ -93,7 +103,9 @@ class Telemetry(L.Callback):
         metrics: dict[str, float] = {
             "perf/step_ms": window_ms,
             "perf/tokens_per_s": self.tokens_per_step / (window_ms / 1e3),
+            "perf/tokens_per_s_per_device": self.tokens_per_step / (window_ms / 1e3) / self.devices,
             "perf/tflops": self.flops_per_step / (window_ms / 1e3) / 1e12,
+            "mesh/dp": float(self.mesh[0] if self.mesh else 1), "mesh/cp": float(self.mesh[1] if self.mesh else 1),
         }
         peak = peak_tflops(pl_module.device)
         if peak:
@@ -123,6 +135,12 @@ class Telemetry(L.Callback):
             f"step {step:>5}",
             f"loss {loss:7.4f}",
             f"tok/s {m['perf/tokens_per_s']:9.0f}",
+        ]
+        if "perf/tokens_per_s_per_device" in m and m.get("mesh/dp", 1) * m.get("mesh/cp", 1) > 1:
+            # Several devices: the mesh (dp x cp) and each device's share beside the total.
+            parts += [f"mesh {m['mesh/dp']:.0f}x{m['mesh/cp']:.0f}",
+                      f"tok/s/dev {m['perf/tokens_per_s_per_device']:7.0f}"]
+        parts += [
             f"step {m['perf/step_ms']:7.1f} ms",
             # Which FLOP count (DESIGN section 8) the figure uses is in its label.
             f"{label('perf/tflops')} {m['perf/tflops']:.3f}",
@@ -142,6 +160,8 @@ class Telemetry(L.Callback):
         out = {
             "perf/step_ms_median": med,
             "perf/tokens_per_s_median": self.tokens_per_step / (med / 1e3),
+            "perf/tokens_per_s_per_device_median": self.tokens_per_step / (med / 1e3) / self.devices,
+            "mesh/dp": float(self.mesh[0] if self.mesh else 1), "mesh/cp": float(self.mesh[1] if self.mesh else 1),
             "perf/tflops_median": self.flops_per_step / (med / 1e3) / 1e12,
             "perf/steps_timed": float(len(steady)),
         }
