@@ -301,5 +301,5 @@ def run_eval(cfg: DictConfig, ctx: JobContext, prepared: PreparedEval, record: R
 
     for lg in loggers:
         if isinstance(lg, SafeWandbLogger):
-            lg._guard("summary", lambda lg=lg: lg.experiment.summary.update(metrics))
+            lg.update_summary(metrics)
     return result

@@ -362,7 +362,7 @@ def run_train(cfg: DictConfig, ctx: JobContext, prepared: Prepared, record: RunR
     keys = sorted({str(k) for c in prepared.parts.caches if hasattr(c, "keys") for k in c.keys()})
     for lg in loggers:
         if isinstance(lg, SafeWandbLogger) and trainer.is_global_zero:
-            lg._guard("summary", lambda lg=lg: lg.experiment.summary.update({"cache_keys": keys, **metrics}))
+            lg.update_summary({"cache_keys": keys, **metrics})
     # The mesh as it ran, and who started the ranks (Lightning's cluster environment: SLURM, ...).
     cp = prepared.cp
     mesh = {"dp": cp.dp if cp else trainer.world_size, "cp": cp.world if cp else 1, "world": trainer.world_size,
