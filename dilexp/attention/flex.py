@@ -31,6 +31,7 @@ import functools
 import math
 import warnings
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -136,39 +137,55 @@ class FlexDilatedAttention(DilatedAttentionBase):
         plan = self.plan(n, causal, q.device)
         kernel = self._kernel if self._kernel is not None else compiled_flex()
         scale = 1.0 / math.sqrt(d)
-        npad = plan.block_mask.seq_lengths[0]
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, H, N, D) views
 
         if plan.kind == "natural":
-            if npad != n:
-                qt, kt, vt = (F.pad(t, (0, 0, 0, npad - n)) for t in (qt, kt, vt))
-            out = kernel(qt, kt, vt, score_mod=plan.score_mod, block_mask=plan.block_mask, scale=scale)
-            return out[:, :, :n].transpose(1, 2)
+            return self._natural(kernel, qt, kt, vt, plan, scale, n)
 
         # Compact order: slot s of virtual head j holds token perm[j, s] of head heads[j].
         tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         scratch: list[torch.Tensor] | None = None if tracked else []
         qv, kv, vv = (self._compact(t, plan, scratch) for t in (q, k, v))
-        if plan.kind == "lse":
-            o, aux = kernel(qv, kv, vv, block_mask=plan.block_mask, scale=scale, return_aux=AuxRequest(lse=True))
-            lse = aux.lse
-        else:
-            o = kernel(qv, kv, vv, block_mask=plan.block_mask, scale=scale)
+        o, lse = self._virtual_heads(kernel, qv, kv, vv, plan, scale)
         for buf in scratch or ():
             self.pool.release(buf)  # the kernel is done with them, and no graph saved them
-        nv = plan.inv.shape[0]
-        back = plan.inv[None, :, :, None].expand(b, nv, n, d)
+        return self._merge(o, lse, plan.inv[None], plan.sel[None], plan.kind, h)
+
+    @staticmethod
+    def _natural(kernel: Any, qt: torch.Tensor, kt: torch.Tensor, vt: torch.Tensor, plan: Any, scale: float,
+                 n: int) -> torch.Tensor:
+        """Natural token order: the block mask's padded length, the score_mod does the pattern."""
+        npad = plan.block_mask.seq_lengths[0]
+        if npad != n:
+            qt, kt, vt = (F.pad(t, (0, 0, 0, npad - n)) for t in (qt, kt, vt))
+        out = kernel(qt, kt, vt, score_mod=plan.score_mod, block_mask=plan.block_mask, scale=scale)
+        return out[:, :, :n].transpose(1, 2)
+
+    @staticmethod
+    def _virtual_heads(kernel: Any, qv: torch.Tensor, kv: torch.Tensor, vv: torch.Tensor, plan: Any,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One flex call over the virtual heads in compact order; the lse where branches merge."""
+        if plan.kind == "lse":
+            o, aux = kernel(qv, kv, vv, block_mask=plan.block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+            return o, aux.lse
+        return kernel(qv, kv, vv, block_mask=plan.block_mask, scale=scale), None
+
+    def _merge(self, o: torch.Tensor, lse: torch.Tensor | None, inv: torch.Tensor, sel: torch.Tensor, kind: str,
+               h: int) -> torch.Tensor:
+        """Compact slots back to tokens (inv, sel: (1 or B, V, N)), then the branches merged by lse."""
+        b, nv, _, d = o.shape
+        n = inv.shape[-1]
+        back = inv[:, :, :, None].expand(b, nv, n, d)
         # Tokens a virtual head does not select read some slot; `sel` zeroes them exactly.
-        o = torch.where(plan.sel[None, :, :, None], o.gather(2, back), 0.0)
-        if plan.kind == "compact":
+        o = torch.where(sel[:, :, :, None], o.gather(2, back), 0.0)
+        if kind == "compact":
             return o.transpose(1, 2)
         m = self.pattern.num_pairs
         # A finite floor for "not selected": -inf would give nan gradients in the softmax.
         floor = torch.finfo(torch.float32).min / 4
-        lse = torch.where(plan.sel[None], lse.float().gather(2, back[..., 0]), floor)
+        lse = torch.where(sel, lse.float().gather(2, back[..., 0]), floor)
         weights = torch.softmax(lse.view(b, m, h, n), dim=1).to(o.dtype)
-        out = (weights.unsqueeze(-1) * o.view(b, m, h, n, d)).sum(dim=1)
-        return out.transpose(1, 2)
+        return (weights.unsqueeze(-1) * o.view(b, m, h, n, d)).sum(dim=1).transpose(1, 2)
 
     def document_plan(self, docs: DocumentLayout, causal: bool, device: torch.device | str) -> DocumentFlexPlan:
         """The cached per-layout plan: one BlockMask with a row per batch row (patterns/flex_documents)."""
@@ -190,34 +207,16 @@ class FlexDilatedAttention(DilatedAttentionBase):
         plan = self.document_plan(docs, causal, q.device)
         kernel = self._kernel if self._kernel is not None else compiled_flex()
         scale = 1.0 / math.sqrt(d)
-        npad = plan.block_mask.seq_lengths[0]
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
 
         if plan.kind == "natural":
-            if npad != n:
-                qt, kt, vt = (F.pad(t, (0, 0, 0, npad - n)) for t in (qt, kt, vt))
-            out = kernel(qt, kt, vt, score_mod=plan.score_mod, block_mask=plan.block_mask, scale=scale)
-            return out[:, :, :n].transpose(1, 2)
+            return self._natural(kernel, qt, kt, vt, plan, scale, n)
 
         # Slot s of virtual head j in row i holds token perm[i, j, s] of head heads[j].
         rows = torch.arange(b, device=q.device)[:, None, None]
         idx = (rows, plan.heads[None, :, None], plan.perm)
-        qv, kv, vv = qt[idx], kt[idx], vt[idx]
-        if plan.kind == "lse":
-            o, aux = kernel(qv, kv, vv, block_mask=plan.block_mask, scale=scale, return_aux=AuxRequest(lse=True))
-            lse = aux.lse
-        else:
-            o = kernel(qv, kv, vv, block_mask=plan.block_mask, scale=scale)
-        nv = plan.inv.shape[1]
-        back = plan.inv[:, :, :, None].expand(b, nv, n, d)
-        o = torch.where(plan.sel[:, :, :, None], o.gather(2, back), 0.0)
-        if plan.kind == "compact":
-            return o.transpose(1, 2)
-        m = self.pattern.num_pairs
-        floor = torch.finfo(torch.float32).min / 4
-        lse = torch.where(plan.sel, lse.float().gather(2, back[..., 0]), floor)
-        weights = torch.softmax(lse.view(b, m, h, n), dim=1).to(o.dtype)
-        return (weights.unsqueeze(-1) * o.view(b, m, h, n, d)).sum(dim=1).transpose(1, 2)
+        o, lse = self._virtual_heads(kernel, qt[idx], kt[idx], vt[idx], plan, scale)
+        return self._merge(o, lse, plan.inv, plan.sel, plan.kind, h)
 
     def _compact(self, x: torch.Tensor, plan: FlexPlan, scratch: list[torch.Tensor] | None) -> torch.Tensor:
         """(B, N, H, D) -> (B, V, Np, D): each virtual head's tokens in compact order.
