@@ -74,46 +74,40 @@ def _run_from_summary(path: Path) -> Run:
 _SCALAR = (str, int, float, bool, type(None))
 
 
+# The containers of a run record: field -> (its type, what it must be, its elements' types, what each must be).
+_CONTAINERS: dict[str, tuple[type, str, tuple[type, ...], str]] = {
+    "choices": (dict, "an object", _SCALAR, "a string"),
+    "overrides": (list, "a list of strings", (str,), "a string"),
+    "metrics": (dict, "an object", _SCALAR, "a number"),
+    "bench": (list, "a list of objects", (dict,), "an object"),
+}
+
+
+def _kind(v: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), "a number")
+
+
 def _wrong_type(data: dict[str, Any]) -> str | None:
     """The first field of a summary.json whose type no run record has, described; None if all fit."""
-    def kind(v: Any) -> str:
-        return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
-            type(v), "a number")
-
     for key in ("status", "task", "error"):
         if key in data and not isinstance(data[key], _SCALAR):
-            return f"field {key!r} is {kind(data[key])}, expected a string"
-    choices = data.get("choices")
-    if choices is not None:
-        if not isinstance(choices, dict):
-            return f"field 'choices' is {kind(choices)}, expected an object"
-        for k, v in choices.items():
-            if not isinstance(v, _SCALAR):
-                return f"field 'choices.{k}' is {kind(v)}, expected a string"
-    overrides = data.get("overrides")
-    if overrides is not None:
-        if not isinstance(overrides, list):
-            return f"field 'overrides' is {kind(overrides)}, expected a list of strings"
-        for i, o in enumerate(overrides):
-            if not isinstance(o, str):
-                return f"field 'overrides[{i}]' is {kind(o)}, expected a string"
-    metrics = data.get("metrics")
-    if metrics is not None:
-        if not isinstance(metrics, dict):
-            return f"field 'metrics' is {kind(metrics)}, expected an object"
-        for k, v in metrics.items():
-            if not isinstance(v, _SCALAR):
-                return f"field 'metrics.{k}' is {kind(v)}, expected a number"
-    bench = data.get("bench")
-    if bench is not None:
-        if not isinstance(bench, list):
-            return f"field 'bench' is {kind(bench)}, expected a list of objects"
-        for i, row in enumerate(bench):
-            if not isinstance(row, dict):
-                return f"field 'bench[{i}]' is {kind(row)}, expected an object"
-            for k, v in row.items():
-                if not isinstance(v, (*_SCALAR, list)):
-                    return f"field 'bench[{i}].{k}' is {kind(v)}, expected a number or string"
+            return f"field {key!r} is {_kind(data[key])}, expected a string"
+    for field_name, (container, what, element, element_what) in _CONTAINERS.items():
+        value = data.get(field_name)
+        if value is None:
+            continue
+        if not isinstance(value, container):
+            return f"field {field_name!r} is {_kind(value)}, expected {what}"
+        keyed = isinstance(value, dict)
+        for k, v in value.items() if keyed else enumerate(value):
+            name = f"{field_name}.{k}" if keyed else f"{field_name}[{k}]"
+            if not isinstance(v, element):
+                return f"field '{name}' is {_kind(v)}, expected {element_what}"
+            if field_name == "bench":  # a bench row's own values
+                for rk, rv in v.items():
+                    if not isinstance(rv, (*_SCALAR, list)):
+                        return f"field '{name}.{rk}' is {_kind(rv)}, expected a number or string"
     return None
 
 
